@@ -1,0 +1,239 @@
+"""The covariance engine: ntcov, ntvar and Price's rate, with exact strategies behind an enum.
+
+For properties ``a`` (``[*S_a]``, ``A`` entries) and ``b`` (``[*S_b]``, ``B`` entries) of the same
+module, with Jacobians ``J_a`` (``[A, P]``) and ``J_b`` (``[B, P]``) with respect to the weights:
+
+    ntcov(a, b) = J_a J_bᵀ          shape [*S_a, *S_b]
+    ntvar(a)    = diag J_a J_aᵀ      shape [*S_a]
+    rate(x, L)  = ntcov(x, −L)      shape [*S_x]    (Price's equation under gradient flow)
+
+Strategies (all exact; ``LOOP`` is the brute-force reference):
+
+- ``JVP``: when one side is small (``m`` entries): ``m`` backward passes for its gradients, then
+  ``m`` forward-mode JVPs of the other side. ``rate`` is one backward + one JVP, whatever ``K``.
+- ``DOUBLE_VJP``: the same with each JVP computed by reverse-over-reverse (the automatic fallback
+  when an op has no forward-mode AD).
+- ``PER_EXAMPLE``: rows of a property built with per-example structure come from ``vmap(jacrev)``
+  over examples; best for K×K matrices of per-example properties.
+- ``VJP``: Jacobian rows by batched VJPs in chunks under ``memory_budget``, contracted per block.
+- ``AUTO``: JVP if the smaller side has at most 16 entries, else PER_EXAMPLE when either side has
+  per-example structure, else VJP.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from enum import Enum
+
+import torch
+from torch import Tensor
+
+from ntcov import _autodiff
+from ntcov.params import ParamDict, ParamSelection, check_mode, num_params, select_params
+from ntcov.property import Property
+from ntcov.reference import ntcov_loop
+
+__all__ = ["Strategy", "ntcov", "ntvar", "rate"]
+
+DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes for Jacobian rows held at once
+JVP_MAX_SMALL_SIDE = 16
+
+
+class Strategy(str, Enum):
+    """How ntcov is computed; see the module docstring for when each is fast."""
+
+    AUTO = "auto"
+    JVP = "jvp"
+    DOUBLE_VJP = "double_vjp"
+    PER_EXAMPLE = "per_example"
+    VJP = "vjp"
+    LOOP = "loop"
+
+
+def ntcov(
+    a: Property,
+    b: Property,
+    *,
+    params: ParamSelection = None,
+    strategy: Strategy | str = Strategy.AUTO,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+) -> Tensor:
+    """Neural tangent covariance ``J_a J_bᵀ`` of two properties, shape ``a.shape + b.shape``.
+
+    ``params`` selects the weights to differentiate (parameter or submodule names, or
+    submodules); the others are held fixed. ``memory_budget`` (bytes) bounds the Jacobian rows
+    held at once by the row-based strategies.
+    """
+    chosen, weights = _prepare("ntcov", a, b, params, strategy)
+    if chosen is Strategy.LOOP:
+        return ntcov_loop(a, b, params=params)
+    shapes = (a.shape, b.shape)
+    if chosen is Strategy.AUTO:
+        chosen = _auto(a, b, shapes)
+    if chosen in (Strategy.JVP, Strategy.DOUBLE_VJP):
+        out = _ntcov_jvp(a, b, weights, shapes, force_reverse=chosen is Strategy.DOUBLE_VJP)
+    else:
+        out = _ntcov_rows(a, b, weights, chosen, _rows_per_chunk(weights, memory_budget))
+    return out.reshape(*shapes[0], *shapes[1])
+
+
+def ntvar(
+    a: Property,
+    *,
+    params: ParamSelection = None,
+    strategy: Strategy | str = Strategy.AUTO,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+) -> Tensor:
+    """Neural tangent variance ``‖∇_w a_k‖²`` of each entry, shape ``a.shape``.
+
+    Only the diagonal is computed: rows of ``J_a`` in chunks, never the ``K×K`` matrix
+    (except for the ``JVP``/``LOOP`` strategies, which take the diagonal of ``ntcov(a, a)``).
+    """
+    chosen, weights = _prepare("ntvar", a, a, params, strategy)
+    if chosen in (Strategy.LOOP, Strategy.JVP, Strategy.DOUBLE_VJP):
+        shape = a.shape
+        full = ntcov(a, a, params=params, strategy=chosen).reshape(shape.numel(), shape.numel())
+        return torch.diagonal(full).reshape(shape)
+    if chosen is Strategy.AUTO:
+        chosen = Strategy.PER_EXAMPLE if a.per_example is not None else Strategy.VJP
+    rows = _row_source(a, chosen)
+    chunk = _rows_per_chunk(weights, memory_budget)
+    parts = [_autodiff.squared_norms(r) for _, r in rows(a, weights, chunk)]
+    return torch.cat(parts).reshape(a.shape).detach()
+
+
+def rate(
+    x: Property,
+    loss: Property,
+    *,
+    params: ParamSelection = None,
+    strategy: Strategy | str = Strategy.AUTO,
+) -> Tensor:
+    """Price's equation under gradient flow: ``dx/dt = ntcov(x, U)`` with ``U = −loss``.
+
+    ``loss`` must be a scalar property; the result has shape ``x.shape``. With the default
+    strategy this is one backward pass of ``loss`` and one forward-mode JVP of ``x``
+    (cost ≈ one training gradient + two to three forward passes), for any number of entries.
+    Multiply by the learning rate ``η`` for the first-order change of one SGD step.
+    """
+    chosen, weights = _prepare("rate", x, loss, params, strategy)
+    if chosen in (Strategy.AUTO, Strategy.JVP, Strategy.DOUBLE_VJP):
+        _, grad = _autodiff.gradient(loss, weights, caller="rate")
+        ascent = {n: -g for n, g in grad.items()}
+        force = chosen is Strategy.DOUBLE_VJP
+        return _autodiff.directional(x, weights, ascent, force_reverse=force)[1]
+    return -ntcov(x, _scalar_loss(loss, weights), params=params, strategy=chosen).reshape(x.shape)
+
+
+def _scalar_loss(loss: Property, weights: ParamDict) -> Property:
+    _autodiff.gradient(loss, weights, caller="rate")  # raises a clear error if not scalar
+    return loss.map(lambda v: v.reshape(()), loss.name)
+
+
+def _prepare(
+    caller: str, a: Property, b: Property, params: ParamSelection, strategy: Strategy | str
+) -> tuple[Strategy, ParamDict]:
+    for prop in (a, b):
+        if not isinstance(prop, Property):
+            raise TypeError(
+                f"{caller}: expected ntcov.Property arguments, got {type(prop).__name__}. "
+                "Wrap a function of the model as ntcov.Property(model, lambda m: ...)."
+            )
+    if a.module is not b.module:
+        raise ValueError(
+            f"{caller}: both properties must be functions of the same module; got a "
+            f"{type(a.module).__name__} and a {type(b.module).__name__} object."
+        )
+    for prop in (a, b):
+        check_mode(prop.module, allow_train_mode=prop.allow_train_mode)
+    return _as_strategy(caller, strategy), select_params(a.module, params)
+
+
+def _as_strategy(caller: str, strategy: Strategy | str) -> Strategy:
+    try:
+        return Strategy(strategy)
+    except ValueError:
+        choices = ", ".join(repr(s.value) for s in Strategy)
+        raise ValueError(
+            f"{caller}: unknown strategy {strategy!r}; choose one of {choices}."
+        ) from None
+
+
+def _auto(a: Property, b: Property, shapes: tuple[torch.Size, torch.Size]) -> Strategy:
+    if min(shapes[0].numel(), shapes[1].numel()) <= JVP_MAX_SMALL_SIDE:
+        return Strategy.JVP
+    if a.per_example is not None or b.per_example is not None:
+        return Strategy.PER_EXAMPLE
+    return Strategy.VJP
+
+
+def _ntcov_jvp(
+    a: Property,
+    b: Property,
+    weights: ParamDict,
+    shapes: tuple[torch.Size, torch.Size],
+    *,
+    force_reverse: bool,
+) -> Tensor:
+    """Gradients of the smaller side, then JVPs of the larger side along each: ``[A, B]``."""
+    small_is_b = shapes[1].numel() <= shapes[0].numel()
+    small, large = (b, a) if small_is_b else (a, b)
+    columns = []
+    for _, rows in _autodiff.vjp_rows(small, weights, JVP_MAX_SMALL_SIDE):
+        for i in range(next(iter(rows.values())).shape[0]):
+            tangent = {n: r[i] for n, r in rows.items()}
+            columns.append(
+                _autodiff.directional(large, weights, tangent, force_reverse=force_reverse)[1]
+            )
+    stacked = torch.stack(columns).reshape(len(columns), -1)  # [m, K_large]
+    return stacked.T if small_is_b else stacked
+
+
+RowSource = Callable[[Property, ParamDict, int], Iterator[tuple[int, _autodiff.Rows]]]
+
+
+def _row_source(prop: Property, strategy: Strategy) -> RowSource:
+    if strategy is Strategy.PER_EXAMPLE and prop.per_example is not None:
+        return _per_example_source
+    return _autodiff.vjp_rows
+
+
+def _per_example_source(
+    prop: Property, weights: ParamDict, chunk: int
+) -> Iterator[tuple[int, _autodiff.Rows]]:
+    _autodiff.evaluate(prop, weights)  # the dependence and dtype checks
+    item = max(1, prop.shape.numel() // prop.per_example.num_examples)  # type: ignore[union-attr]
+    return _autodiff.per_example_rows(prop, weights, max(1, chunk // item))
+
+
+def _ntcov_rows(
+    a: Property, b: Property, weights: ParamDict, strategy: Strategy, chunk: int
+) -> Tensor:
+    """``J_a J_bᵀ`` (``[A, B]``) from row chunks; ``J_b`` is held whole when it fits."""
+    rows_a, rows_b = _row_source(a, strategy), _row_source(b, strategy)
+    held_a = list(rows_a(a, weights, chunk)) if a.shape.numel() <= chunk else None
+    held_b: list[tuple[int, _autodiff.Rows]] | None
+    if b is a and held_a is not None:
+        held_b = held_a
+    else:
+        held_b = list(rows_b(b, weights, chunk)) if b.shape.numel() <= chunk else None
+    blocks = []
+    for _, block_a in held_a or rows_a(a, weights, chunk):
+        parts = [
+            _autodiff.contract(block_a, block_b)
+            for _, block_b in held_b or rows_b(b, weights, chunk)
+        ]
+        blocks.append(torch.cat(parts, dim=1))
+    return torch.cat(blocks).detach()
+
+
+def _rows_per_chunk(weights: ParamDict, memory_budget: int) -> int:
+    """Rows of ``J`` that fit in ``memory_budget``, with room for the backward pass (×4)."""
+    if memory_budget <= 0:
+        raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget}.")
+    bytes_per_row = 4 * num_params(weights) * _dtype_of(weights).itemsize
+    return max(1, memory_budget // bytes_per_row)
+
+
+def _dtype_of(weights: ParamDict) -> torch.dtype:
+    return next(iter(weights.values())).dtype

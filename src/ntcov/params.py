@@ -1,0 +1,139 @@
+"""The trainable weights of a module as a dict, and the safeguards on the module's mode.
+
+Everything in ntcov is a function of a parameter dict ``dict[str, Tensor]`` keyed by the
+names of ``module.named_parameters()`` (tied weights appear once, under their first name).
+Parameters outside the dict and all buffers are held fixed at their current values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+ParamDict = dict[str, Tensor]
+ParamSelection = str | nn.Module | Sequence[str | nn.Module] | None
+
+__all__ = [
+    "ParamDict",
+    "ParamSelection",
+    "check_mode",
+    "num_params",
+    "select_params",
+]
+
+_STOCHASTIC_OR_BATCH_DEPENDENT = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
+
+
+def select_params(module: nn.Module, params: ParamSelection = None) -> ParamDict:
+    """The parameters of ``module`` to differentiate, detached, keyed by their names in ``module``.
+
+    ``params`` is ``None`` (every parameter with ``requires_grad``), or one or a sequence of:
+    a parameter name (``"fc1.weight"``), a submodule name (``"fc1"``: all of its parameters),
+    or a submodule object. Explicitly named parameters are included even when frozen.
+    """
+    if params is None:
+        chosen = {n: p for n, p in module.named_parameters() if p.requires_grad}
+        if not chosen:
+            raise ValueError(
+                f"select_params: {type(module).__name__} has no trainable parameters "
+                "(none with requires_grad=True); pass params=... to choose some explicitly."
+            )
+        return {n: p.detach() for n, p in chosen.items()}
+    items = [params] if isinstance(params, str | nn.Module) else list(params)
+    if not items:
+        raise ValueError(
+            "select_params: params is an empty sequence; pass None for all parameters."
+        )
+    names: dict[str, None] = {}
+    for item in items:
+        names.update(dict.fromkeys(_names_of(module, item)))
+    all_params = dict(module.named_parameters())
+    return {n: all_params[n].detach() for n in names}
+
+
+def _names_of(module: nn.Module, item: str | nn.Module) -> list[str]:
+    """Root parameter names selected by one entry of ``params``."""
+    name_by_id = {id(p): n for n, p in module.named_parameters()}
+    if isinstance(item, nn.Module):
+        found = [name_by_id[id(p)] for p in item.parameters() if id(p) in name_by_id]
+        if not found:
+            raise ValueError(
+                f"select_params: the {type(item).__name__} passed in params is not a submodule "
+                f"of the property's {type(module).__name__}, or has no parameters."
+            )
+        return found
+    if not isinstance(item, str):
+        raise TypeError(
+            f"select_params: params entries must be str or nn.Module, got {type(item).__name__}."
+        )
+    all_names = list(name_by_id.values())
+    if item in all_names:
+        return [item]
+    under = [n for n in all_names if n.startswith(item + ".")]
+    if under:
+        return under
+    raise ValueError(
+        f"select_params: {item!r} is neither a parameter nor a submodule with parameters of "
+        f"{type(module).__name__}. Parameters are: {_short_list(all_names)}."
+    )
+
+
+def _short_list(names: Iterable[str], limit: int = 12) -> str:
+    names = list(names)
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+def num_params(params: ParamDict) -> int:
+    """Total number of scalar weights P in a parameter dict."""
+    return sum(p.numel() for p in params.values())
+
+
+def check_mode(module: nn.Module, *, allow_train_mode: bool) -> None:
+    """Refuse modules whose output is random or batch-dependent in training mode.
+
+    BatchNorm in training mode mixes the examples of a batch and updates running statistics;
+    dropout (including the ``dropout`` argument of attention and recurrent layers) makes the
+    property random. Either makes ntcov ill-defined, so they are refused unless the user opts in.
+    """
+    if allow_train_mode:
+        return
+    for path, sub in module.named_modules():
+        if sub.training and _is_mode_sensitive(sub):
+            where = path or "<root>"
+            raise ValueError(
+                f"module {where!r} ({type(sub).__name__}) is in training mode: its output is "
+                "random or depends on the whole batch, so ntcov would not be a function of the "
+                "weights alone. Call model.eval() before computing ntcov, or construct the "
+                "Property with allow_train_mode=True to accept this."
+            )
+
+
+def _is_mode_sensitive(module: nn.Module) -> bool:
+    if isinstance(module, _STOCHASTIC_OR_BATCH_DEPENDENT):
+        return not (isinstance(module, nn.modules.dropout._DropoutNd) and module.p == 0)
+    dropout = getattr(module, "dropout", None)
+    return isinstance(dropout, float) and dropout > 0
+
+
+def clone_buffers_if_training(module: nn.Module) -> dict[str, Tensor]:
+    """Copies of the buffers when any submodule is in training mode, else ``{}``.
+
+    Passing these to ``functional_call`` keeps training-mode updates (BatchNorm running
+    statistics) away from the user's module.
+    """
+    if not any(m.training for m in module.modules()):
+        return {}
+    return {n: b.clone() for n, b in module.named_buffers()}
+
+
+def as_requires_grad(params: ParamDict) -> ParamDict:
+    """Fresh leaf tensors sharing storage with ``params``, ready for ``torch.autograd.grad``."""
+    return {n: p.detach().requires_grad_(True) for n, p in params.items()}
+
+
+def params_like(params: ParamDict, fill: float = 0.0) -> ParamDict:
+    """A dict of tensors shaped like ``params`` filled with ``fill``."""
+    return {n: torch.full_like(p, fill) for n, p in params.items()}

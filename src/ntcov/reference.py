@@ -1,0 +1,51 @@
+"""Brute-force references: loops of ``torch.autograd.grad``, one backward pass per entry.
+
+Slow (``K`` backward passes for ``K`` entries) and obviously correct; every fast strategy in
+:mod:`ntcov.covariance` is tested against these, in float64.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ntcov._autodiff import check_output
+from ntcov.params import ParamDict, ParamSelection, as_requires_grad, select_params
+from ntcov.property import Property
+
+__all__ = ["jacobian_loop", "ntcov_loop"]
+
+
+def jacobian_loop(prop: Property, params: ParamDict) -> Tensor:
+    """The full Jacobian ``J = ∂x/∂w`` as ``[K, P]`` (parameters concatenated in dict order)."""
+    leaves = as_requires_grad(params)
+    with torch.enable_grad():
+        out = prop(leaves)
+    check_output(prop, out)
+    flat = out.reshape(-1)
+    rows = []
+    for i in range(flat.numel()):
+        grads = (
+            torch.autograd.grad(
+                flat[i], list(leaves.values()), retain_graph=True, allow_unused=True
+            )
+            if flat.requires_grad
+            else [None] * len(leaves)
+        )
+        rows.append(
+            torch.cat(
+                [
+                    (torch.zeros_like(p) if g is None else g).reshape(-1)
+                    for p, g in zip(leaves.values(), grads, strict=True)
+                ]
+            )
+        )
+    return torch.stack(rows)
+
+
+def ntcov_loop(a: Property, b: Property, *, params: ParamSelection = None) -> Tensor:
+    """``ntcov(a, b) = J_a J_bᵀ`` from two brute-force Jacobians, shape ``a.shape + b.shape``."""
+    weights = select_params(a.module, params)
+    jac_a = jacobian_loop(a, weights)
+    jac_b = jac_a if b is a else jacobian_loop(b, weights)
+    return (jac_a @ jac_b.T).reshape(*a.shape, *b.shape)
