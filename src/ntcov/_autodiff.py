@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 
 import torch
 from torch import Tensor
 from torch.func import jacrev, jvp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ntcov.params import ParamDict, as_requires_grad
 from ntcov.property import Property, _call
@@ -74,6 +76,27 @@ def _fill_unused(leaves: ParamDict, grads: tuple[Tensor | None, ...]) -> ParamDi
     }
 
 
+def composite_attention() -> AbstractContextManager[None]:
+    """Run ``scaled_dot_product_attention`` with its composite (math) kernel.
+
+    The fused kernels (flash, memory-efficient) have no double backward, no forward-mode AD and
+    no ``vmap`` batching rule; the math kernel is built from ordinary ops and supports all three,
+    with the same numbers.
+    """
+    return sdpa_kernel(SDPBackend.MATH)
+
+
+def _load_forward_ad() -> None:
+    """Import torch's forward-mode decompositions once, silencing its internal deprecation warning.
+
+    The first forward-mode call imports them, which uses ``torch.jit.script`` and warns; under
+    ``-W error`` that would abort the import half-way and break every later JVP.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import torch._decomp.decompositions_for_jvp  # noqa: F401
+
+
 def directional(
     prop: Property, params: ParamDict, tangent: ParamDict, *, force_reverse: bool
 ) -> tuple[Tensor, Tensor]:
@@ -83,8 +106,10 @@ def directional(
     kernels) fall back to the exact double-VJP trick, ``J v = ∂/∂u (uᵀ J v)``, with a warning.
     """
     if not force_reverse:
+        _load_forward_ad()
         try:
-            value, out = jvp(prop, (params,), (tangent,))  # type: ignore[misc]
+            with composite_attention():
+                value, out = jvp(prop, (params,), (tangent,))  # type: ignore[misc]
         except NotImplementedError as err:
             _warn_fallback(prop, err)
         else:
@@ -99,19 +124,38 @@ def _directional_double_vjp(
     prop: Property, params: ParamDict, tangent: ParamDict
 ) -> tuple[Tensor, Tensor]:
     """``J v`` by reverse-over-reverse: ``g(u) = Jᵀu`` is linear in ``u``; ``∂(g·v)/∂u = J v``."""
-    out, leaves = evaluate(prop, params)
-    dummy = torch.zeros_like(out, requires_grad=True)
+    with composite_attention():
+        out, leaves = evaluate(prop, params)
+    probe = torch.ones_like(out, requires_grad=True)  # any u gives the same J v
     with torch.enable_grad():
         vjps = torch.autograd.grad(
-            out, list(leaves.values()), dummy, create_graph=True, allow_unused=True
+            out, list(leaves.values()), probe, create_graph=True, allow_unused=True
         )
         pairs = [(g, tangent[n]) for n, g in zip(leaves, vjps, strict=True) if g is not None]
-        if not any(g.requires_grad for g, _ in pairs):
+        if not pairs:  # depends only on parameters held fixed
             return out.detach(), torch.zeros_like(out).detach()
-        inner = torch.stack([(g * t).sum() for g, t in pairs if g.requires_grad]).sum()
-    (jv,) = torch.autograd.grad(inner, dummy, allow_unused=True)
-    result = torch.zeros_like(out) if jv is None else jv
-    return out.detach(), result.detach()
+        inner = torch.stack([(g * t).sum() for g, t in pairs]).sum()
+    jv = None
+    if inner.requires_grad:
+        (jv,) = torch.autograd.grad(inner, probe, allow_unused=True)
+    result = torch.zeros_like(out) if jv is None else jv.detach()
+    scale = torch.stack([(g * t).abs().sum() for g, t in pairs]).sum() + result.abs().sum()
+    _check_linear(prop, inner.detach(), result, scale.detach())
+    return out.detach(), result
+
+
+def _check_linear(prop: Property, inner: Tensor, jv: Tensor, scale: Tensor) -> None:
+    """``(Jᵀu)·v = uᵀ(J v)`` for ``u = 1``. A backward pass that is not differentiable (an
+    autograd.Function marked ``once_differentiable``) cuts the graph from ``Jᵀu`` to ``u``, so
+    part of ``J v`` would be silently missing; that breaks this identity."""
+    tolerance = torch.finfo(jv.dtype).eps ** 0.5 * scale
+    if (inner - jv.sum()).abs() > tolerance:
+        raise RuntimeError(
+            f"double-VJP: the backward pass of property {prop.name!r} is not differentiable "
+            "(an op without double backward, or an autograd.Function marked "
+            "once_differentiable), so J v cannot be computed by reverse-over-reverse. Use "
+            "strategy='vjp' (rows by backward passes) instead."
+        )
 
 
 def _warn_fallback(prop: Property, err: Exception) -> None:
@@ -132,10 +176,9 @@ def vjp_rows(prop: Property, params: ParamDict, chunk_size: int) -> Iterator[tup
     """
     out, leaves = evaluate(prop, params)
     k = out.numel()
-    eye_rows = torch.eye(k, dtype=out.dtype, device=out.device)
     vectorised = True
     for start in range(0, k, chunk_size):
-        basis = eye_rows[start : start + chunk_size].reshape(-1, *out.shape)
+        basis = _basis_rows(out, start, min(chunk_size, k - start))
         if vectorised:
             try:
                 grads = torch.autograd.grad(
@@ -152,6 +195,14 @@ def vjp_rows(prop: Property, params: ParamDict, chunk_size: int) -> Iterator[tup
                 _warn_unbatched(prop, "vmap over VJPs", err)
                 vectorised = False
         yield start, _rows_by_loop(out, leaves, start, basis.shape[0])
+
+
+def _basis_rows(out: Tensor, start: int, count: int) -> Tensor:
+    """Rows ``start … start + count − 1`` of the ``K×K`` identity, shaped ``[count, *S]``."""
+    basis = out.new_zeros(count, out.numel())
+    rows = torch.arange(count, device=out.device)
+    basis[rows, rows + start] = 1
+    return basis.reshape(count, *out.shape)
 
 
 def _fill_unused_batched(leaves: ParamDict, grads: tuple[Tensor | None, ...], count: int) -> Rows:
@@ -197,14 +248,25 @@ def per_example_rows(
     for first in range(0, pe.num_examples, examples_per_chunk):
         xs = tuple(x[first : first + examples_per_chunk] for x in pe.inputs)
         try:
-            blocks = batched(params, *xs)
+            with composite_attention():
+                blocks = batched(params, *xs)
         except (RuntimeError, NotImplementedError) as err:
             _warn_unbatched(prop, "per-example vmap", err)
-            yield from vjp_rows(prop, params, chunk_size)
+            yield from _rows_from(vjp_rows(prop, params, chunk_size), start_row)
             return
         rows = {n: b.reshape(-1, *params[n].shape) for n, b in blocks.items()}
         yield start_row, rows
         start_row += next(iter(rows.values())).shape[0]
+
+
+def _rows_from(rows: Iterator[tuple[int, Rows]], first: int) -> Iterator[tuple[int, Rows]]:
+    """The chunks of ``rows`` from row ``first`` on (a chunk straddling ``first`` is cut)."""
+    for start, chunk in rows:
+        count = next(iter(chunk.values())).shape[0]
+        if start + count <= first:
+            continue
+        skip = max(0, first - start)
+        yield start + skip, {n: block[skip:] for n, block in chunk.items()}
 
 
 def _warn_unbatched(prop: Property, what: str, err: Exception) -> None:

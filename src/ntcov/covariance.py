@@ -29,7 +29,14 @@ import torch
 from torch import Tensor
 
 from ntcov import _autodiff
-from ntcov.params import ParamDict, ParamSelection, check_mode, num_params, select_params
+from ntcov.params import (
+    ParamDict,
+    ParamSelection,
+    check_mode,
+    mixes_examples,
+    num_params,
+    select_params,
+)
 from ntcov.property import Property
 from ntcov.reference import ntcov_loop
 
@@ -74,7 +81,7 @@ def ntcov(
         out = _ntcov_jvp(a, b, weights, shapes, force_reverse=chosen is Strategy.DOUBLE_VJP)
     else:
         out = _ntcov_rows(a, b, weights, chosen, _rows_per_chunk(weights, memory_budget))
-    return out.reshape(*shapes[0], *shapes[1])
+    return out.reshape(shapes[0] + shapes[1])  # a tuple: both may be scalars
 
 
 def ntvar(
@@ -193,7 +200,9 @@ RowSource = Callable[[Property, ParamDict, int], Iterator[tuple[int, _autodiff.R
 
 
 def _row_source(prop: Property, strategy: Strategy) -> RowSource:
-    if strategy is Strategy.PER_EXAMPLE and prop.per_example is not None:
+    # batch statistics (BatchNorm in training mode) break the per-example structure
+    per_example = prop.per_example is not None and not mixes_examples(prop.module)
+    if strategy is Strategy.PER_EXAMPLE and per_example:
         return _per_example_source
     return _autodiff.vjp_rows
 

@@ -68,15 +68,16 @@ def _names_of(module: nn.Module, item: str | nn.Module) -> list[str]:
         raise TypeError(
             f"select_params: params entries must be str or nn.Module, got {type(item).__name__}."
         )
-    all_names = list(name_by_id.values())
-    if item in all_names:
-        return [item]
-    under = [n for n in all_names if n.startswith(item + ".")]
+    # every name a parameter is reachable by (tied weights have several) -> its first name
+    aliases = {n: name_by_id[id(p)] for n, p in module.named_parameters(remove_duplicate=False)}
+    if item in aliases:
+        return [aliases[item]]
+    under = list(dict.fromkeys(aliases[n] for n in aliases if n.startswith(item + ".")))
     if under:
         return under
     raise ValueError(
         f"select_params: {item!r} is neither a parameter nor a submodule with parameters of "
-        f"{type(module).__name__}. Parameters are: {_short_list(all_names)}."
+        f"{type(module).__name__}. Parameters are: {_short_list(name_by_id.values())}."
     )
 
 
@@ -94,21 +95,42 @@ def num_params(params: ParamDict) -> int:
 def check_mode(module: nn.Module, *, allow_train_mode: bool) -> None:
     """Refuse modules whose output is random or batch-dependent in training mode.
 
-    BatchNorm in training mode mixes the examples of a batch and updates running statistics;
-    dropout (including the ``dropout`` argument of attention and recurrent layers) makes the
-    property random. Either makes ntcov ill-defined, so they are refused unless the user opts in.
+    BatchNorm in training mode mixes the examples of a batch and updates running statistics
+    (so does BatchNorm without running statistics, in either mode); dropout (including the
+    ``dropout`` argument of attention and recurrent layers) makes the property random. Either
+    makes ntcov ill-defined, so they are refused unless the user opts in.
     """
     if allow_train_mode:
         return
     for path, sub in module.named_modules():
+        where = path or "<root>"
+        if uses_batch_statistics(sub) and not sub.training:
+            raise ValueError(
+                f"module {where!r} ({type(sub).__name__}) has no running statistics "
+                "(track_running_stats=False), so it normalises with the statistics of the whole "
+                "batch even in eval mode and ntcov would not be a function of the weights alone. "
+                "Construct the Property with allow_train_mode=True to accept this."
+            )
         if sub.training and _is_mode_sensitive(sub):
-            where = path or "<root>"
             raise ValueError(
                 f"module {where!r} ({type(sub).__name__}) is in training mode: its output is "
                 "random or depends on the whole batch, so ntcov would not be a function of the "
                 "weights alone. Call model.eval() before computing ntcov, or construct the "
                 "Property with allow_train_mode=True to accept this."
             )
+
+
+def uses_batch_statistics(module: nn.Module) -> bool:
+    """Whether ``module`` normalises with batch statistics (BatchNorm in training mode or without
+    running statistics), so that one example's output depends on the other examples."""
+    if not isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return False
+    return module.training or (module.running_mean is None and module.running_var is None)
+
+
+def mixes_examples(module: nn.Module) -> bool:
+    """Whether any submodule makes one example's output depend on the others in the batch."""
+    return any(uses_batch_statistics(sub) for sub in module.modules())
 
 
 def _is_mode_sensitive(module: nn.Module) -> bool:

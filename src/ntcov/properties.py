@@ -86,7 +86,9 @@ def per_example_loss(
     """The loss of each example ``ℓ_i``, shape ``[N]``; ``mean(ℓ) = loss(...)``.
 
     ``loss_fn`` is a ``torch.nn`` loss module (used as a copy with ``reduction='none'``) or a
-    function returning one loss per example, ``[N]``.
+    function returning one loss per example, ``[N]``. Unreduced losses with more than one entry
+    per example (``MSELoss`` on ``[N, D]`` outputs) are averaged over each example's entries, as
+    ``reduction='mean'`` does.
     """
     _check_pair(x, y, "per_example_loss")
     unreduced = _unreduced(loss_fn if loss_fn is not None else nn.CrossEntropyLoss())
@@ -99,7 +101,8 @@ def per_example_loss(
                 f"{xs.shape[0]}; it must return one loss per example. Pass an nn loss module "
                 "(its reduction is switched off) or a function with reduction='none'."
             )
-        return values.reshape(xs.shape[0], -1).sum(1) if values.dim() > 1 else values
+        # a 'mean' loss averages over every entry, so each example's loss is the mean of its own
+        return values.reshape(xs.shape[0], -1).mean(1) if values.dim() > 1 else values
 
     return Property.from_per_example(
         model, rows, (x, y), allow_train_mode=allow_train_mode, name="per_example_loss"

@@ -305,7 +305,7 @@ def _index_per_example(pe: PerExample | None, index: Any) -> PerExample | None:
     if pe is None:
         return None
     first, rest = (index[0], index[1:]) if isinstance(index, tuple) and index else (index, ())
-    if not _keeps_axis(first) or any(r is Ellipsis or r is None for r in rest):
+    if not _keeps_axis(first) or not _rest_keeps_rows(first, rest):
         return None
     selected = pe.select(first)
     if not rest:
@@ -317,8 +317,23 @@ def _keeps_axis(index: Any) -> bool:
     if isinstance(index, slice):
         return True
     if isinstance(index, list):
-        return True
+        return all(isinstance(i, int) for i in index)
     return isinstance(index, Tensor) and index.dim() == 1
+
+
+def _rest_keeps_rows(first: Any, rest: tuple[Any, ...]) -> bool:
+    """Whether ``x[first, *rest]`` keeps example ``i``'s entries in row ``i`` of the result.
+
+    Ints and slices after the example axis do. Another advanced (tensor or list) index is paired
+    with an advanced ``first`` (``x[[0, 1], [2, 0]]`` picks single entries); after a slice, one
+    advanced index among slices is safe, but several (or one next to ints) may move their axis
+    to the front.
+    """
+    advanced = [r for r in rest if not isinstance(r, int | slice)]
+    if not advanced:
+        return True
+    single = len(advanced) == 1 and all(isinstance(r, slice) or r is advanced[0] for r in rest)
+    return isinstance(first, slice) and single and _keeps_axis(advanced[0])
 
 
 def _index_repr(index: Any) -> str:

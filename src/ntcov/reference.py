@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ntcov._autodiff import check_output
+from ntcov._autodiff import check_depends, check_output
 from ntcov.params import ParamDict, ParamSelection, as_requires_grad, select_params
 from ntcov.property import Property
 
@@ -22,15 +22,12 @@ def jacobian_loop(prop: Property, params: ParamDict) -> Tensor:
     with torch.enable_grad():
         out = prop(leaves)
     check_output(prop, out)
+    check_depends(prop, out)
     flat = out.reshape(-1)
     rows = []
     for i in range(flat.numel()):
-        grads = (
-            torch.autograd.grad(
-                flat[i], list(leaves.values()), retain_graph=True, allow_unused=True
-            )
-            if flat.requires_grad
-            else [None] * len(leaves)
+        grads = torch.autograd.grad(
+            flat[i], list(leaves.values()), retain_graph=True, allow_unused=True
         )
         rows.append(
             torch.cat(
@@ -48,4 +45,4 @@ def ntcov_loop(a: Property, b: Property, *, params: ParamSelection = None) -> Te
     weights = select_params(a.module, params)
     jac_a = jacobian_loop(a, weights)
     jac_b = jac_a if b is a else jacobian_loop(b, weights)
-    return (jac_a @ jac_b.T).reshape(*a.shape, *b.shape)
+    return (jac_a @ jac_b.T).reshape(a.shape + b.shape)  # a tuple: both may be scalars
