@@ -12,8 +12,9 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor
-from torch.func import jacrev, jvp, vmap
+from torch.func import jacrev, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ntcov.params import ParamDict, as_requires_grad
@@ -102,22 +103,32 @@ def directional(
 ) -> tuple[Tensor, Tensor]:
     """``(x(w), J_x v)`` for one tangent ``v``: one forward-mode JVP, shapes ``[*S]`` and ``[*S]``.
 
-    Cost: about two to three forward passes. Ops without forward-mode AD (fused attention
-    kernels) fall back to the exact double-VJP trick, ``J v = ∂/∂u (uᵀ J v)``, with a warning.
+    Cost: about three forward passes (the network and its tangent run together). Ops without
+    forward-mode AD (fused attention kernels) fall back to the exact double-VJP trick,
+    ``J v = ∂/∂u (uᵀ J v)``, with a warning.
     """
     if not force_reverse:
-        _load_forward_ad()
         try:
-            with composite_attention():
-                value, out = jvp(prop, (params,), (tangent,))  # type: ignore[misc]
+            return _directional_forward(prop, params, tangent)
         except NotImplementedError as err:
             _warn_fallback(prop, err)
-        else:
-            check_output(prop, value)
-            if not out.any():
-                evaluate(prop, params)  # raises if the property does not depend on params
-            return value.detach(), out.detach()
     return _directional_double_vjp(prop, params, tangent)
+
+
+def _directional_forward(
+    prop: Property, params: ParamDict, tangent: ParamDict
+) -> tuple[Tensor, Tensor]:
+    """Forward-mode AD with dual tensors: each weight carries its tangent through the network."""
+    _load_forward_ad()
+    with composite_attention(), fwAD.dual_level():
+        duals = {n: fwAD.make_dual(p, tangent[n]) for n, p in params.items()}
+        out = prop(duals)
+        check_output(prop, out)
+        value, jv = fwAD.unpack_dual(out)
+    if jv is None:  # no path from the weights to the output
+        evaluate(prop, params)  # raises the "does not depend" error
+        jv = torch.zeros_like(value)
+    return value.detach(), jv.detach()
 
 
 def _directional_double_vjp(
