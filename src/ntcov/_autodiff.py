@@ -304,7 +304,7 @@ def contract(rows_a: Rows, rows_b: Rows) -> Tensor:
     return total
 
 
-def squared_norms(rows: Rows) -> Tensor:
-    """``‖J_i‖²`` per row, ``[c]``."""
-    norms = [block.reshape(block.shape[0], -1).pow(2).sum(1) for block in rows.values()]
-    return torch.stack(norms).sum(0)
+def contract_rowwise(rows_a: Rows, rows_b: Rows) -> Tensor:
+    """``A_i · B_i`` for each row ``i`` of two chunks of equal length, ``[c]``."""
+    dots = [(block * rows_b[n]).reshape(block.shape[0], -1).sum(1) for n, block in rows_a.items()]
+    return torch.stack(dots).sum(0)

@@ -4,6 +4,7 @@ For properties ``a`` (``[*S_a]``, ``A`` entries) and ``b`` (``[*S_b]``, ``B`` en
 module, with Jacobians ``J_a`` (``[A, P]``) and ``J_b`` (``[B, P]``) with respect to the weights:
 
     ntcov(a, b) = J_a J_bᵀ          shape [*S_a, *S_b]
+    ntcov_M(a, b) = J_a M J_bᵀ      with a diagonal metric M (``metric=``, e.g. an optimizer's)
     ntvar(a)    = diag J_a J_aᵀ      shape [*S_a]
     rate(x, L)  = ntcov(x, −L)      shape [*S_x]    (Price's equation under gradient flow)
 
@@ -64,23 +65,28 @@ def ntcov(
     params: ParamSelection = None,
     strategy: Strategy | str = Strategy.AUTO,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    metric: ParamDict | None = None,
 ) -> Tensor:
     """Neural tangent covariance ``J_a J_bᵀ`` of two properties, shape ``a.shape + b.shape``.
 
     ``params`` selects the weights to differentiate (parameter or submodule names, or
     submodules); the others are held fixed. ``memory_budget`` (bytes) bounds the Jacobian rows
-    held at once by the row-based strategies.
+    held at once by the row-based strategies. ``metric`` (a dict of tensors shaped like the
+    selected parameters) gives ``J_a diag(M) J_bᵀ``, the covariance under an optimizer's metric.
     """
     chosen, weights = _prepare("ntcov", a, b, params, strategy)
+    _check_metric("ntcov", metric, weights)
     if chosen is Strategy.LOOP:
-        return ntcov_loop(a, b, params=params)
+        return ntcov_loop(a, b, params=params, metric=metric)
     shapes = (a.shape, b.shape)
     if chosen is Strategy.AUTO:
         chosen = _auto(a, b, shapes)
     if chosen in (Strategy.JVP, Strategy.DOUBLE_VJP):
-        out = _ntcov_jvp(a, b, weights, shapes, force_reverse=chosen is Strategy.DOUBLE_VJP)
+        reverse = chosen is Strategy.DOUBLE_VJP
+        out = _ntcov_jvp(a, b, weights, shapes, metric, force_reverse=reverse)
     else:
-        out = _ntcov_rows(a, b, weights, chosen, _rows_per_chunk(weights, memory_budget))
+        chunk = _rows_per_chunk(weights, memory_budget)
+        out = _ntcov_rows(a, b, weights, chosen, chunk, metric)
     return out.reshape(shapes[0] + shapes[1])  # a tuple: both may be scalars
 
 
@@ -90,22 +96,24 @@ def ntvar(
     params: ParamSelection = None,
     strategy: Strategy | str = Strategy.AUTO,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    metric: ParamDict | None = None,
 ) -> Tensor:
-    """Neural tangent variance ``‖∇_w a_k‖²`` of each entry, shape ``a.shape``.
+    """Neural tangent variance ``‖∇_w a_k‖²`` (``∇a_k · M ∇a_k`` with ``metric``), ``a.shape``.
 
     Only the diagonal is computed: rows of ``J_a`` in chunks, never the ``K×K`` matrix
     (except for the ``JVP``/``LOOP`` strategies, which take the diagonal of ``ntcov(a, a)``).
     """
     chosen, weights = _prepare("ntvar", a, a, params, strategy)
+    _check_metric("ntvar", metric, weights)
     if chosen in (Strategy.LOOP, Strategy.JVP, Strategy.DOUBLE_VJP):
         shape = a.shape
-        full = ntcov(a, a, params=params, strategy=chosen).reshape(shape.numel(), shape.numel())
-        return torch.diagonal(full).reshape(shape)
+        full = ntcov(a, a, params=params, strategy=chosen, metric=metric)
+        return torch.diagonal(full.reshape(shape.numel(), shape.numel())).reshape(shape)
     if chosen is Strategy.AUTO:
         chosen = Strategy.PER_EXAMPLE if a.per_example is not None else Strategy.VJP
     rows = _row_source(a, chosen)
     chunk = _rows_per_chunk(weights, memory_budget)
-    parts = [_autodiff.squared_norms(r) for _, r in rows(a, weights, chunk)]
+    parts = [_autodiff.contract_rowwise(r, _scaled(r, metric)) for _, r in rows(a, weights, chunk)]
     return torch.cat(parts).reshape(a.shape).detach()
 
 
@@ -115,21 +123,46 @@ def rate(
     *,
     params: ParamSelection = None,
     strategy: Strategy | str = Strategy.AUTO,
+    metric: ParamDict | None = None,
 ) -> Tensor:
     """Price's equation under gradient flow: ``dx/dt = ntcov(x, U)`` with ``U = −loss``.
 
     ``loss`` must be a scalar property; the result has shape ``x.shape``. With the default
     strategy this is one backward pass of ``loss`` and one forward-mode JVP of ``x``
     (cost ≈ one training gradient + two to three forward passes), for any number of entries.
-    Multiply by the learning rate ``η`` for the first-order change of one SGD step.
+    Multiply by the learning rate ``η`` for the first-order change of one SGD step; with
+    ``metric`` (diagonal ``M``) it is ``J_x M (−∇L)``, the change under ``Δw = −M ∇L``.
     """
     chosen, weights = _prepare("rate", x, loss, params, strategy)
+    _check_metric("rate", metric, weights)
     if chosen in (Strategy.AUTO, Strategy.JVP, Strategy.DOUBLE_VJP):
         _, grad = _autodiff.gradient(loss, weights, caller="rate")
-        ascent = {n: -g for n, g in grad.items()}
+        ascent = {n: -g for n, g in _scaled(grad, metric).items()}
         force = chosen is Strategy.DOUBLE_VJP
         return _autodiff.directional(x, weights, ascent, force_reverse=force)[1]
-    return -ntcov(x, _scalar_loss(loss, weights), params=params, strategy=chosen).reshape(x.shape)
+    scalar = _scalar_loss(loss, weights)
+    covariance = ntcov(x, scalar, params=params, strategy=chosen, metric=metric)
+    return -covariance.reshape(x.shape)
+
+
+def _scaled(rows: ParamDict, metric: ParamDict | None) -> ParamDict:
+    """``M ⊙ v`` per parameter block (``M`` broadcasts over leading row dimensions)."""
+    if metric is None:
+        return rows
+    return {n: r * metric[n] for n, r in rows.items()}
+
+
+def _check_metric(caller: str, metric: ParamDict | None, weights: ParamDict) -> None:
+    if metric is None:
+        return
+    for name, weight in weights.items():
+        if name not in metric:
+            raise ValueError(f"{caller}: metric has no entry for parameter {name!r}.")
+        if metric[name].shape != weight.shape:
+            raise ValueError(
+                f"{caller}: metric[{name!r}] has shape {list(metric[name].shape)}, expected the "
+                f"parameter's shape {list(weight.shape)} (a diagonal metric)."
+            )
 
 
 def _scalar_loss(loss: Property, weights: ParamDict) -> Property:
@@ -179,6 +212,7 @@ def _ntcov_jvp(
     b: Property,
     weights: ParamDict,
     shapes: tuple[torch.Size, torch.Size],
+    metric: ParamDict | None,
     *,
     force_reverse: bool,
 ) -> Tensor:
@@ -188,7 +222,7 @@ def _ntcov_jvp(
     columns = []
     for _, rows in _autodiff.vjp_rows(small, weights, JVP_MAX_SMALL_SIDE):
         for i in range(next(iter(rows.values())).shape[0]):
-            tangent = {n: r[i] for n, r in rows.items()}
+            tangent = _scaled({n: r[i] for n, r in rows.items()}, metric)
             columns.append(
                 _autodiff.directional(large, weights, tangent, force_reverse=force_reverse)[1]
             )
@@ -216,9 +250,14 @@ def _per_example_source(
 
 
 def _ntcov_rows(
-    a: Property, b: Property, weights: ParamDict, strategy: Strategy, chunk: int
+    a: Property,
+    b: Property,
+    weights: ParamDict,
+    strategy: Strategy,
+    chunk: int,
+    metric: ParamDict | None,
 ) -> Tensor:
-    """``J_a J_bᵀ`` (``[A, B]``) from row chunks; ``J_b`` is held whole when it fits."""
+    """``J_a M J_bᵀ`` (``[A, B]``) from row chunks; ``J_b`` is held whole when it fits."""
     rows_a, rows_b = _row_source(a, strategy), _row_source(b, strategy)
     held_a = list(rows_a(a, weights, chunk)) if a.shape.numel() <= chunk else None
     held_b: list[tuple[int, _autodiff.Rows]] | None
@@ -229,7 +268,7 @@ def _ntcov_rows(
     blocks = []
     for _, block_a in held_a or rows_a(a, weights, chunk):
         parts = [
-            _autodiff.contract(block_a, block_b)
+            _autodiff.contract(_scaled(block_a, metric), block_b)
             for _, block_b in held_b or rows_b(b, weights, chunk)
         ]
         blocks.append(torch.cat(parts, dim=1))

@@ -40,9 +40,14 @@ def jacobian_loop(prop: Property, params: ParamDict) -> Tensor:
     return torch.stack(rows)
 
 
-def ntcov_loop(a: Property, b: Property, *, params: ParamSelection = None) -> Tensor:
-    """``ntcov(a, b) = J_a J_bᵀ`` from two brute-force Jacobians, shape ``a.shape + b.shape``."""
+def ntcov_loop(
+    a: Property, b: Property, *, params: ParamSelection = None, metric: ParamDict | None = None
+) -> Tensor:
+    """``J_a diag(M) J_bᵀ`` from two brute-force Jacobians (``M = 1`` without ``metric``),
+    shape ``a.shape + b.shape``."""
     weights = select_params(a.module, params)
     jac_a = jacobian_loop(a, weights)
     jac_b = jac_a if b is a else jacobian_loop(b, weights)
+    if metric is not None:
+        jac_a = jac_a * torch.cat([metric[n].reshape(-1) for n in weights])
     return (jac_a @ jac_b.T).reshape(a.shape + b.shape)  # a tuple: both may be scalars
