@@ -28,15 +28,16 @@ def test_demo_command_writes_results(tmp_path: Path, capsys: pytest.CaptureFixtu
 def test_demo_command_maps_every_option(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     seen = {}
 
-    def fake_run(config: demo.DemoConfig, out: str, *, progress: bool) -> demo.DemoResult:
+    def fake_run(config: demo.DemoConfig, out: Path, *, progress: bool) -> demo.DemoResult:
         seen.update(config=config, out=out, progress=progress)
         return demo.DemoResult(config, "complete", {}, {}, [], {}, 0.0)
 
     monkeypatch.setattr(demo, "run_demo", fake_run)
-    argv = ["demo", "--out", "d", "--steps", "7", "--lr", "0.05", "--seed", "3"]
+    out = tmp_path / "d"
+    argv = ["demo", "--out", str(out), "--steps", "7", "--lr", "0.05", "--seed", "3"]
     assert cli.main([*argv, "--dtype", "float32", "--no-progress"]) == 0
     assert seen["config"] == demo.DemoConfig(steps=7, lr=0.05, seed=3, dtype="float32")
-    assert seen["out"] == "d" and seen["progress"] is False
+    assert seen["out"] == out and out.is_dir() and seen["progress"] is False
 
 
 @pytest.mark.parametrize(
@@ -61,6 +62,35 @@ def test_bad_arguments_exit_cleanly(
     err = capsys.readouterr().err
     assert message in err and "usage: ntcov" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("make_out", "message"),
+    [
+        (lambda tmp: tmp / "file.txt", "exists and is not a folder"),
+        (lambda tmp: tmp / "file.txt" / "sub", "cannot create the output folder"),
+        (lambda tmp: Path("/proc/ntcov-cannot-be-here"), "cannot create the output folder"),
+    ],
+)
+def test_unusable_output_folder_exits_cleanly(
+    tmp_path: Path, make_out, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "file.txt").write_text("not a folder")
+    out = make_out(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["demo", "--steps", "1", "--out", str(out), "--no-progress"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and str(out) in err and "Traceback" not in err
+
+
+def test_seed_out_of_range_exits_cleanly(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["demo", "--seed", "99999999999999999999", "--out", "unused", "--no-progress"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "seed must be <= 18446744073709551615" in err and "Traceback" not in err
+    assert not Path("unused").exists()
 
 
 def test_config_errors_become_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:

@@ -175,6 +175,7 @@ def test_run_restores_torch_threads(tmp_path: Path) -> None:
         ({"lr": "0.1"}, "lr must be a finite number"),
         ({"dtype": "float16"}, "unknown dtype 'float16'"),
         ({"seed": -1}, "seed must be >= 0"),
+        ({"seed": 2**64}, "seed must be <= 18446744073709551615"),
         ({"threads": 0}, "threads must be >= 1"),
     ],
 )

@@ -171,11 +171,12 @@ def test_bad_params_entries(mlp: Case) -> None:
 def test_properties_of_two_modules(mlp: Case) -> None:
     other = ZOO["mlp"]().model
     a, b = properties.logits(mlp.model, mlp.x), properties.logits(other, mlp.x)
-    with pytest.raises(ValueError, match="same module"):
+    two = r"two different module objects \(Sequential and Sequential\); build both properties "
+    with pytest.raises(ValueError, match=f"same module; got {two}from the same model"):
         ntcov.ntcov(a, b)
     with pytest.raises(ValueError, match="same module"):
         ntcov.rate(a, b.sum())
-    with pytest.raises(ValueError, match=r"Property \+: both properties.*same module"):
+    with pytest.raises(ValueError, match=rf"Property \+: both properties.*same module, got {two}"):
         a + b
 
 

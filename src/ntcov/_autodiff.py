@@ -7,9 +7,13 @@ blocks ``{name: [c, *param_shape]}``, never concatenated.
 
 from __future__ import annotations
 
+import functools
+import os
+import sys
 import warnings
-from collections.abc import Iterator
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from contextvars import ContextVar
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -18,7 +22,7 @@ from torch.func import jacrev, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ntcov.params import ParamDict, as_requires_grad
-from ntcov.property import Property, _call
+from ntcov.property import PerExample, Property, _call, check_is_tensor
 
 Rows = dict[str, Tensor]
 
@@ -27,10 +31,59 @@ class FallbackWarning(UserWarning):
     """A fast path was unavailable for this model; an exact slower path was used instead."""
 
 
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_WARNED: ContextVar[set[tuple[str, str]] | None] = ContextVar("ntcov_warned", default=None)
+
+
+@contextmanager
+def one_warning_per_cause() -> Iterator[None]:
+    """Inside the block, each fallback cause (kind, property) warns at most once.
+
+    The public functions run in this block, so one ``ntcov`` call that falls back for each of
+    its ``m`` JVP columns or row chunks emits one warning, not ``m``. Nested blocks share the
+    outermost one's record.
+    """
+    if _WARNED.get() is not None:
+        yield
+        return
+    token = _WARNED.set(set())
+    try:
+        yield
+    finally:
+        _WARNED.reset(token)
+
+
+def _warn(kind: str, prop: Property, message: str) -> None:
+    """Emit a :class:`FallbackWarning`, once per ``(kind, property)`` in a public call, pointing
+    at the user's line (the first frame outside this package)."""
+    warned, cause = _WARNED.get(), (kind, str(prop.name))
+    if warned is not None:
+        if cause in warned:
+            return
+        warned.add(cause)
+    warnings.warn(message, FallbackWarning, stacklevel=_stacklevel_outside_package())
+
+
+def _stacklevel_outside_package() -> int:
+    level, frame = 2, sys._getframe(2)  # 1 is _warn itself
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        level, frame = level + 1, frame.f_back
+    return level
+
+
+def refuse_inference_mode(caller: str) -> None:
+    """ntcov needs autograd; ``torch.inference_mode`` switches it off for good inside its block."""
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            f"{caller}: torch.inference_mode() is active, and ntcov needs autograd, which "
+            "inference mode switches off. Call it outside inference mode (inside "
+            "torch.no_grad() is fine)."
+        )
+
+
 def check_output(prop: Property, out: Tensor) -> None:
-    """Refuse outputs that are not floating tensors or that do not depend on the parameters."""
-    if not isinstance(out, Tensor):
-        raise TypeError(f"property {prop.name!r} returned {type(out).__name__}, expected a Tensor.")
+    """Refuse outputs that are not floating tensors."""
+    check_is_tensor(prop, out)
     if not out.is_floating_point():
         raise TypeError(
             f"property {prop.name!r} returned a {out.dtype} tensor of shape {list(out.shape)}; "
@@ -38,18 +91,35 @@ def check_output(prop: Property, out: Tensor) -> None:
         )
 
 
+def not_dependent(prop: Property) -> ValueError:
+    """The error for a property whose graph does not reach any selected parameter."""
+    return ValueError(
+        f"property {prop.name!r} does not depend on the selected parameters: its gradient "
+        "is identically zero. Check that fn uses the module passed to it (not a captured "
+        "copy or another model), and that params= selects parameters that the property uses."
+    )
+
+
 def check_depends(prop: Property, out: Tensor) -> None:
-    """``out`` was computed from parameters that require grad: it must have a graph."""
+    """Quick check: ``out`` was computed from leaves that require grad, so it needs a graph.
+
+    Not sufficient on its own (the graph may reach only other tensors that require grad, such
+    as weights held fixed or inputs); :func:`check_grads` decides from the gradients.
+    """
     if out.grad_fn is None:
-        raise ValueError(
-            f"property {prop.name!r} does not depend on the selected parameters: its gradient "
-            "is identically zero. Check that fn uses the module passed to it (not a captured "
-            "copy), and that params= selects parameters that the property uses."
-        )
+        raise not_dependent(prop)
+
+
+def check_grads(prop: Property, grads: Sequence[Tensor | None]) -> None:
+    """Gradients w.r.t. the selected leaves (``allow_unused=True``) are all ``None`` exactly when
+    the property's graph reaches none of them."""
+    if all(g is None for g in grads):
+        raise not_dependent(prop)
 
 
 def evaluate(prop: Property, params: ParamDict) -> tuple[Tensor, ParamDict]:
     """The property with a graph to the leaves ``[*S]``, and those leaves."""
+    refuse_inference_mode(f"property {prop.name!r}")
     leaves = as_requires_grad(params)
     with torch.enable_grad():
         out = prop(leaves)
@@ -66,11 +136,14 @@ def gradient(prop: Property, params: ParamDict, *, caller: str) -> tuple[Tensor,
             f"{caller}: {prop.name!r} must be a scalar property, got shape {list(out.shape)}. "
             "Reduce it first (prop.mean() or prop.sum()), or use ntcov() for a matrix."
         )
-    grads = torch.autograd.grad(out.reshape(()), list(leaves.values()), allow_unused=True)
+    with torch.enable_grad():
+        scalar = out.reshape(())
+    grads = torch.autograd.grad(scalar, list(leaves.values()), allow_unused=True)
+    check_grads(prop, grads)
     return out.detach(), _fill_unused(leaves, grads)
 
 
-def _fill_unused(leaves: ParamDict, grads: tuple[Tensor | None, ...]) -> ParamDict:
+def _fill_unused(leaves: ParamDict, grads: Sequence[Tensor | None]) -> ParamDict:
     return {
         n: torch.zeros_like(p) if g is None else g
         for (n, p), g in zip(leaves.items(), grads, strict=True)
@@ -87,11 +160,14 @@ def composite_attention() -> AbstractContextManager[None]:
     return sdpa_kernel(SDPBackend.MATH)
 
 
+@functools.cache
 def _load_forward_ad() -> None:
     """Import torch's forward-mode decompositions once, silencing its internal deprecation warning.
 
     The first forward-mode call imports them, which uses ``torch.jit.script`` and warns; under
-    ``-W error`` that would abort the import half-way and break every later JVP.
+    ``-W error`` that would abort the import half-way and break every later JVP. Cached: entering
+    ``catch_warnings`` resets Python's once-per-location warning registry, so doing it on every
+    call would repeat every warning.
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -107,6 +183,7 @@ def directional(
     forward-mode AD (fused attention kernels) fall back to the exact double-VJP trick,
     ``J v = ∂/∂u (uᵀ J v)``, with a warning.
     """
+    refuse_inference_mode(f"property {prop.name!r}")
     if not force_reverse:
         try:
             return _directional_forward(prop, params, tangent)
@@ -115,19 +192,43 @@ def directional(
     return _directional_double_vjp(prop, params, tangent)
 
 
+def directions(
+    prop: Property, params: ParamDict, tangents: Iterable[ParamDict], *, force_reverse: bool
+) -> list[Tensor]:
+    """``J_x v`` for each tangent ``v`` (each ``[*S]``), as :func:`directional`.
+
+    Once forward mode has failed for one tangent, the others go straight to the double-VJP
+    fallback: one warning and one failed attempt, not one per tangent.
+    """
+    columns = []
+    for tangent in tangents:
+        if not force_reverse:
+            try:
+                columns.append(_directional_forward(prop, params, tangent)[1])
+                continue
+            except NotImplementedError as err:
+                _warn_fallback(prop, err)
+                force_reverse = True
+        columns.append(_directional_double_vjp(prop, params, tangent)[1])
+    return columns
+
+
 def _directional_forward(
     prop: Property, params: ParamDict, tangent: ParamDict
 ) -> tuple[Tensor, Tensor]:
-    """Forward-mode AD with dual tensors: each weight carries its tangent through the network."""
+    """Forward-mode AD with dual tensors: each weight carries its tangent through the network.
+
+    The output has no tangent exactly when no selected weight reaches it: that is the
+    dependence check, at no extra cost.
+    """
     _load_forward_ad()
     with composite_attention(), fwAD.dual_level():
         duals = {n: fwAD.make_dual(p, tangent[n]) for n, p in params.items()}
         out = prop(duals)
         check_output(prop, out)
         value, jv = fwAD.unpack_dual(out)
-    if jv is None:  # no path from the weights to the output
-        evaluate(prop, params)  # raises the "does not depend" error
-        jv = torch.zeros_like(value)
+    if jv is None:
+        raise not_dependent(prop)
     return value.detach(), jv.detach()
 
 
@@ -142,9 +243,8 @@ def _directional_double_vjp(
         vjps = torch.autograd.grad(
             out, list(leaves.values()), probe, create_graph=True, allow_unused=True
         )
+        check_grads(prop, vjps)
         pairs = [(g, tangent[n]) for n, g in zip(leaves, vjps, strict=True) if g is not None]
-        if not pairs:  # depends only on parameters held fixed
-            return out.detach(), torch.zeros_like(out).detach()
         inner = torch.stack([(g * t).sum() for g, t in pairs]).sum()
     jv = None
     if inner.requires_grad:
@@ -170,20 +270,25 @@ def _check_linear(prop: Property, inner: Tensor, jv: Tensor, scale: Tensor) -> N
 
 
 def _warn_fallback(prop: Property, err: Exception) -> None:
-    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    warnings.warn(
-        f"forward-mode AD is not available for property {prop.name!r} ({first_line}); using the "
-        "exact double-VJP fallback instead (same numbers, about one extra backward pass).",
-        FallbackWarning,
-        stacklevel=4,
+    _warn(
+        "forward-mode",
+        prop,
+        f"forward-mode AD is not available for property {prop.name!r} ({_first_line(err)}); "
+        "using the exact double-VJP fallback instead (same numbers, about one extra backward "
+        "pass).",
     )
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
 def vjp_rows(prop: Property, params: ParamDict, chunk_size: int) -> Iterator[tuple[int, Rows]]:
     """Jacobian rows of any property by batched VJPs: yields ``(start, {name: [c, *p]})``.
 
     Cost: one forward, then ``K / c`` backward passes each vectorised over ``c`` cotangents
-    (``is_grads_batched``); a plain loop of backward passes where vectorising fails.
+    (``is_grads_batched``); a plain loop of backward passes where vectorising fails. The first
+    chunk's gradients also decide whether the property depends on the selected weights.
     """
     out, leaves = evaluate(prop, params)
     k = out.numel()
@@ -200,12 +305,15 @@ def vjp_rows(prop: Property, params: ParamDict, chunk_size: int) -> Iterator[tup
                     allow_unused=True,
                     is_grads_batched=True,
                 )
-                yield start, _fill_unused_batched(leaves, grads, basis.shape[0])
-                continue
             except (RuntimeError, NotImplementedError) as err:
                 _warn_unbatched(prop, "vmap over VJPs", err)
                 vectorised = False
-        yield start, _rows_by_loop(out, leaves, start, basis.shape[0])
+            else:
+                if start == 0:
+                    check_grads(prop, grads)
+                yield start, _fill_unused_batched(leaves, grads, basis.shape[0])
+                continue
+        yield start, _rows_by_loop(prop, out, leaves, start, basis.shape[0])
 
 
 def _basis_rows(out: Tensor, start: int, count: int) -> Tensor:
@@ -223,17 +331,17 @@ def _fill_unused_batched(leaves: ParamDict, grads: tuple[Tensor | None, ...], co
     }
 
 
-def _rows_by_loop(out: Tensor, leaves: ParamDict, start: int, count: int) -> Rows:
-    flat = out.reshape(-1)
-    per_row = [
-        _fill_unused(
-            leaves,
-            torch.autograd.grad(
-                flat[i], list(leaves.values()), retain_graph=True, allow_unused=True
-            ),
+def _rows_by_loop(prop: Property, out: Tensor, leaves: ParamDict, start: int, count: int) -> Rows:
+    with torch.enable_grad():
+        flat = out.reshape(-1)
+        entries = [flat[i] for i in range(start, start + count)]
+    per_row = []
+    for entry in entries:
+        grads = torch.autograd.grad(
+            entry, list(leaves.values()), retain_graph=True, allow_unused=True
         )
-        for i in range(start, start + count)
-    ]
+        check_grads(prop, grads)  # the same for every entry: all share out's graph
+        per_row.append(_fill_unused(leaves, grads))
     return {n: torch.stack([r[n] for r in per_row]) for n in leaves}
 
 
@@ -243,31 +351,103 @@ def per_example_rows(
     """Jacobian rows of a per-example property by ``vmap(jacrev)`` over examples.
 
     Each example's row block ``[*item, P]`` costs one small backward pass per item entry, all
-    examples of a chunk at once. Falls back to :func:`vjp_rows` when the model cannot be vmapped.
+    examples of a chunk at once (about ``chunk_size`` rows per chunk). Every chunk's per-example
+    values are checked against the batch evaluation (rows that depend on other examples, or an
+    example axis that is not dim 0, would make these rows wrong): on the first chunk a mismatch
+    falls back to :func:`vjp_rows` with a warning, on a later one it raises ``ValueError``.
+    Falls back to :func:`vjp_rows` too when the model cannot be vmapped.
     """
     pe = prop.per_example
     if pe is None:
         raise ValueError(f"property {prop.name!r} has no per-example structure.")
-    module = prop.module
-
-    def single(p: ParamDict, *xs: Tensor) -> Tensor:
-        return _call(module, p, pe.fn, *(x.unsqueeze(0) for x in xs)).squeeze(0)
-
-    batched = vmap(jacrev(single), in_dims=(None, *([0] * len(pe.inputs))))
-    examples_per_chunk = max(1, chunk_size)
+    batch = _checked_batch_value(prop, params)
+    agree = _agreement(batch, pe.num_examples)
+    examples_per_chunk = max(1, chunk_size // max(1, batch.numel() // max(1, pe.num_examples)))
+    jacobian_and_value = _per_example_jacobian(prop, pe)
     start_row = 0
     for first in range(0, pe.num_examples, examples_per_chunk):
         xs = tuple(x[first : first + examples_per_chunk] for x in pe.inputs)
         try:
             with composite_attention():
-                blocks = batched(params, *xs)
+                blocks, values = jacobian_and_value(params, *xs)
         except (RuntimeError, NotImplementedError) as err:
             _warn_unbatched(prop, "per-example vmap", err)
             yield from _rows_from(vjp_rows(prop, params, chunk_size), start_row)
             return
+        if not agree(values, first):
+            if first > 0:
+                raise _rows_disagree(prop, first, first + values.shape[0])
+            _warn_rows_differ(prop)
+            yield from vjp_rows(prop, params, chunk_size)
+            return
         rows = {n: b.reshape(-1, *params[n].shape) for n, b in blocks.items()}
         yield start_row, rows
         start_row += next(iter(rows.values())).shape[0]
+
+
+def _checked_batch_value(prop: Property, params: ParamDict) -> Tensor:
+    """The property's batch value ``[N, *item]``, once its graph is known to reach the selected
+    weights (one backward pass: per-example Jacobians cannot tell "unused" from "zero")."""
+    out, leaves = evaluate(prop, params)
+    grads = torch.autograd.grad(out, list(leaves.values()), torch.ones_like(out), allow_unused=True)
+    check_grads(prop, grads)
+    return out.detach()
+
+
+def _per_example_jacobian(prop: Property, pe: PerExample) -> Callable[..., tuple[Rows, Tensor]]:
+    """``(params, *xs) -> ({name: [c, *item, *p]}, values [c, *item])`` by ``vmap(jacrev)``."""
+    module = prop.module
+
+    def single(p: ParamDict, *xs: Tensor) -> tuple[Tensor, Tensor]:
+        out = _call(module, p, pe.fn, *(x.unsqueeze(0) for x in xs)).squeeze(0)
+        return out, out
+
+    return vmap(jacrev(single, has_aux=True), in_dims=(None, *([0] * len(pe.inputs))))
+
+
+def _agreement(batch: Tensor, num_examples: int) -> Callable[[Tensor, int], bool]:
+    """``agree(values, first)``: whether per-example values ``[c, *item]`` equal rows
+    ``first … first + c − 1`` of the batch value, up to ``√eps`` of the dtype (relative, and of
+    the largest finite magnitude): reduction orders differ, mixing examples does far more."""
+    if batch.dim() == 0 or batch.shape[0] != num_examples:
+        return lambda values, first: False
+    tolerance = torch.finfo(batch.dtype).eps ** 0.5
+    finite = batch.abs().nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+    scale = float(finite.amax()) if batch.numel() else 0.0
+
+    def agree(values: Tensor, first: int) -> bool:
+        expected = batch[first : first + values.shape[0]]
+        return values.shape == expected.shape and torch.allclose(
+            values.to(batch.dtype),
+            expected,
+            rtol=tolerance,
+            atol=tolerance * scale,
+            equal_nan=True,
+        )
+
+    return agree
+
+
+def _warn_rows_differ(prop: Property) -> None:
+    _warn(
+        "per-example rows",
+        prop,
+        f"per-example rows of property {prop.name!r} differ from its batch evaluation: its rows "
+        "depend on other examples of the batch (batch statistics, centring over the batch, "
+        "broadcasting between examples), or dim 0 of its inputs is not the example axis. "
+        "Computing its rows with batched VJPs instead (exact, slower; strategy='vjp' skips "
+        "this attempt).",
+    )
+
+
+def _rows_disagree(prop: Property, first: int, stop: int) -> ValueError:
+    return ValueError(
+        f"per-example rows of property {prop.name!r} for examples {first}..{stop - 1} differ "
+        "from its batch evaluation, although the first examples agreed. Row i of a per-example "
+        "property must depend on example i only, with dim 0 of every input the example axis "
+        "(see Property.from_per_example). Use strategy='vjp' for a property without this "
+        "structure."
+    )
 
 
 def _rows_from(rows: Iterator[tuple[int, Rows]], first: int) -> Iterator[tuple[int, Rows]]:
@@ -281,12 +461,11 @@ def _rows_from(rows: Iterator[tuple[int, Rows]], first: int) -> Iterator[tuple[i
 
 
 def _warn_unbatched(prop: Property, what: str, err: Exception) -> None:
-    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    warnings.warn(
-        f"{what} failed for property {prop.name!r} ({first_line}); computing the same rows "
-        "with a loop of backward passes instead (exact, slower).",
-        FallbackWarning,
-        stacklevel=4,
+    _warn(
+        what,
+        prop,
+        f"{what} failed for property {prop.name!r} ({_first_line(err)}); computing the same "
+        "rows with backward passes instead (exact, slower).",
     )
 
 

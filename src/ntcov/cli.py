@@ -98,15 +98,59 @@ def run_demo(args: argparse.Namespace) -> int:
 
     try:
         config = demo.DemoConfig(steps=args.steps, lr=args.lr, seed=args.seed, dtype=args.dtype)
+        out = demo.output_folder(args.out)
     except ValueError as err:
         args.parser.error(str(err))
-    result = demo.run_demo(config, args.out, progress=not args.no_progress)
+    result = demo.run_demo(config, out, progress=not args.no_progress)
+    return EXIT_INTERRUPTED if result.interrupted else 0
+
+
+# ----- ntcov validate ------------------------------------------------------------------------
+
+
+def add_validate(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "validate",
+        help="check Price's equation against real training across lr, batch size, optimizer",
+        description=(
+            "Train an MLP and a CNN on the digits, one factor at a time around a baseline "
+            "(learning rate up to the edge of stability, batch size, SGD/momentum/Adam/AdamW), "
+            "and compare the predicted change of held-out probabilities and losses with the "
+            "actual change at every step: plain ntcov, metric-aware first and second order, "
+            "minibatch intervals, forecasts, loss scaling. Writes report.md, results.json, "
+            "changes.npz and PNG plots."
+        ),
+    )
+    parser.add_argument("--quick", action="store_true", help="MLP only, fewer and shorter cells")
+    parser.add_argument(
+        "--out", default="ntcov-validate", help="output folder (default: %(default)s)"
+    )
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed (default: 0)")
+    parser.add_argument(
+        "--steps", type=positive_int, default=None, help="steps of every cell (default: per mode)"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.set_defaults(handler=run_validate, parser=parser)
+
+
+def run_validate(args: argparse.Namespace) -> int:
+    from ntcov.experiments import demo, validate
+
+    try:
+        make = validate.ValidateConfig.quick if args.quick else validate.ValidateConfig
+        config = make(seed=args.seed)
+        if args.steps is not None:
+            config = config.with_steps(args.steps)
+        out = demo.output_folder(args.out)
+    except ValueError as err:
+        args.parser.error(str(err))
+    result = validate.run(config, out, progress=not args.no_progress)
     return EXIT_INTERRUPTED if result.interrupted else 0
 
 
 # ----- the parser ----------------------------------------------------------------------------
 
-COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (add_demo,)
+COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (add_demo, add_validate)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -23,8 +23,11 @@ Strategies (all exact; ``LOOP`` is the brute-force reference):
 
 from __future__ import annotations
 
+import functools
+import numbers
 from collections.abc import Callable, Iterator
 from enum import Enum
+from typing import ParamSpec, TypeVar
 
 import torch
 from torch import Tensor
@@ -38,7 +41,7 @@ from ntcov.params import (
     num_params,
     select_params,
 )
-from ntcov.property import Property
+from ntcov.property import Property, different_modules
 from ntcov.reference import ntcov_loop
 
 __all__ = ["Strategy", "ntcov", "ntvar", "rate"]
@@ -48,7 +51,10 @@ JVP_MAX_SMALL_SIDE = 16
 
 
 class Strategy(str, Enum):
-    """How ntcov is computed; see the module docstring for when each is fast."""
+    """How ntcov is computed; see the module docstring for when each is fast.
+
+    Strings are matched without regard to case: ``Strategy("AUTO") is Strategy.AUTO``.
+    """
 
     AUTO = "auto"
     JVP = "jvp"
@@ -57,7 +63,33 @@ class Strategy(str, Enum):
     VJP = "vjp"
     LOOP = "loop"
 
+    @classmethod
+    def _missing_(cls, value: object) -> Strategy | None:
+        if isinstance(value, str):
+            for member in cls:
+                if member.value == value.lower():
+                    return member
+        return None
 
+
+Result = TypeVar("Result")
+Params = ParamSpec("Params")
+
+
+def _with_autograd(fn: Callable[Params, Result]) -> Callable[Params, Result]:
+    """Run a public function with autograd on (it works inside ``torch.no_grad()``), refusing
+    ``torch.inference_mode()``, with at most one fallback warning per cause."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Params.args, **kwargs: Params.kwargs) -> Result:
+        _autodiff.refuse_inference_mode(fn.__name__)
+        with torch.enable_grad(), _autodiff.one_warning_per_cause():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@_with_autograd
 def ntcov(
     a: Property,
     b: Property,
@@ -73,23 +105,29 @@ def ntcov(
     submodules); the others are held fixed. ``memory_budget`` (bytes) bounds the Jacobian rows
     held at once by the row-based strategies. ``metric`` (a dict of tensors shaped like the
     selected parameters) gives ``J_a diag(M) J_bᵀ``, the covariance under an optimizer's metric.
+    Works inside ``torch.no_grad()``; an empty property gives an empty result.
     """
     chosen, weights = _prepare("ntcov", a, b, params, strategy)
     _check_metric("ntcov", metric, weights)
+    budget = _check_memory_budget("ntcov", memory_budget)
+    values = (_checked_value(a), _checked_value(b))
+    shapes = (values[0].shape, values[1].shape)
+    if shapes[0].numel() == 0 or shapes[1].numel() == 0:
+        return _empty(shapes[0] + shapes[1], *values)
     if chosen is Strategy.LOOP:
         return ntcov_loop(a, b, params=params, metric=metric)
-    shapes = (a.shape, b.shape)
     if chosen is Strategy.AUTO:
         chosen = _auto(a, b, shapes)
     if chosen in (Strategy.JVP, Strategy.DOUBLE_VJP):
         reverse = chosen is Strategy.DOUBLE_VJP
         out = _ntcov_jvp(a, b, weights, shapes, metric, force_reverse=reverse)
     else:
-        chunk = _rows_per_chunk(weights, memory_budget)
+        chunk = _rows_per_chunk(weights, budget)
         out = _ntcov_rows(a, b, weights, chosen, chunk, metric)
     return out.reshape(shapes[0] + shapes[1])  # a tuple: both may be scalars
 
 
+@_with_autograd
 def ntvar(
     a: Property,
     *,
@@ -105,18 +143,23 @@ def ntvar(
     """
     chosen, weights = _prepare("ntvar", a, a, params, strategy)
     _check_metric("ntvar", metric, weights)
+    budget = _check_memory_budget("ntvar", memory_budget)
+    value = _checked_value(a)
+    shape = value.shape
+    if shape.numel() == 0:
+        return _empty(shape, value, value)
     if chosen in (Strategy.LOOP, Strategy.JVP, Strategy.DOUBLE_VJP):
-        shape = a.shape
         full = ntcov(a, a, params=params, strategy=chosen, metric=metric)
         return torch.diagonal(full.reshape(shape.numel(), shape.numel())).reshape(shape)
     if chosen is Strategy.AUTO:
         chosen = Strategy.PER_EXAMPLE if a.per_example is not None else Strategy.VJP
     rows = _row_source(a, chosen)
-    chunk = _rows_per_chunk(weights, memory_budget)
+    chunk = _rows_per_chunk(weights, budget)
     parts = [_autodiff.contract_rowwise(r, _scaled(r, metric)) for _, r in rows(a, weights, chunk)]
-    return torch.cat(parts).reshape(a.shape).detach()
+    return torch.cat(parts).reshape(shape).detach()
 
 
+@_with_autograd
 def rate(
     x: Property,
     loss: Property,
@@ -143,6 +186,34 @@ def rate(
     scalar = _scalar_loss(loss, weights)
     covariance = ntcov(x, scalar, params=params, strategy=chosen, metric=metric)
     return -covariance.reshape(x.shape)
+
+
+def _checked_value(prop: Property) -> Tensor:
+    """The property's value (its shape and dtype), checked to be a floating tensor."""
+    value = prop.value()
+    _autodiff.check_output(prop, value)
+    return value
+
+
+def _empty(shape: torch.Size, a: Tensor, b: Tensor) -> Tensor:
+    """The result when one side has no entries: zeros of ``shape`` (which has no entries)."""
+    return torch.zeros(shape, dtype=torch.promote_types(a.dtype, b.dtype), device=a.device)
+
+
+def _check_memory_budget(caller: str, memory_budget: object) -> int:
+    """``memory_budget`` as an int: ints and integral floats (``1e9``) are accepted."""
+    if isinstance(memory_budget, float) and memory_budget.is_integer():
+        memory_budget = int(memory_budget)
+    if isinstance(memory_budget, bool) or not isinstance(memory_budget, numbers.Integral):
+        raise TypeError(
+            f"{caller}: memory_budget must be a whole number of bytes (an int such as 1 << 30, "
+            f"or an integral float such as 1e9), got {memory_budget!r}."
+        )
+    if memory_budget <= 0:
+        raise ValueError(
+            f"{caller}: memory_budget must be a positive number of bytes, got {memory_budget}."
+        )
+    return int(memory_budget)
 
 
 def _scaled(rows: ParamDict, metric: ParamDict | None) -> ParamDict:
@@ -181,8 +252,8 @@ def _prepare(
             )
     if a.module is not b.module:
         raise ValueError(
-            f"{caller}: both properties must be functions of the same module; got a "
-            f"{type(a.module).__name__} and a {type(b.module).__name__} object."
+            f"{caller}: both properties must be functions of the same module; got "
+            f"{different_modules(a.module, b.module)}."
         )
     for prop in (a, b):
         check_mode(prop.module, allow_train_mode=prop.allow_train_mode)
@@ -219,13 +290,12 @@ def _ntcov_jvp(
     """Gradients of the smaller side, then JVPs of the larger side along each: ``[A, B]``."""
     small_is_b = shapes[1].numel() <= shapes[0].numel()
     small, large = (b, a) if small_is_b else (a, b)
-    columns = []
-    for _, rows in _autodiff.vjp_rows(small, weights, JVP_MAX_SMALL_SIDE):
-        for i in range(next(iter(rows.values())).shape[0]):
-            tangent = _scaled({n: r[i] for n, r in rows.items()}, metric)
-            columns.append(
-                _autodiff.directional(large, weights, tangent, force_reverse=force_reverse)[1]
-            )
+    tangents = [
+        _scaled({n: r[i] for n, r in rows.items()}, metric)
+        for _, rows in _autodiff.vjp_rows(small, weights, JVP_MAX_SMALL_SIDE)
+        for i in range(next(iter(rows.values())).shape[0])
+    ]
+    columns = _autodiff.directions(large, weights, tangents, force_reverse=force_reverse)
     stacked = torch.stack(columns).reshape(len(columns), -1)  # [m, K_large]
     return stacked.T if small_is_b else stacked
 
@@ -237,16 +307,8 @@ def _row_source(prop: Property, strategy: Strategy) -> RowSource:
     # batch statistics (BatchNorm in training mode) break the per-example structure
     per_example = prop.per_example is not None and not mixes_examples(prop.module)
     if strategy is Strategy.PER_EXAMPLE and per_example:
-        return _per_example_source
+        return _autodiff.per_example_rows
     return _autodiff.vjp_rows
-
-
-def _per_example_source(
-    prop: Property, weights: ParamDict, chunk: int
-) -> Iterator[tuple[int, _autodiff.Rows]]:
-    _autodiff.evaluate(prop, weights)  # the dependence and dtype checks
-    item = max(1, prop.shape.numel() // prop.per_example.num_examples)  # type: ignore[union-attr]
-    return _autodiff.per_example_rows(prop, weights, max(1, chunk // item))
 
 
 def _ntcov_rows(
@@ -277,8 +339,6 @@ def _ntcov_rows(
 
 def _rows_per_chunk(weights: ParamDict, memory_budget: int) -> int:
     """Rows of ``J`` that fit in ``memory_budget``, with room for the backward pass (×4)."""
-    if memory_budget <= 0:
-        raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget}.")
     bytes_per_row = 4 * num_params(weights) * _dtype_of(weights).itemsize
     return max(1, memory_budget // bytes_per_row)
 

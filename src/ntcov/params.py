@@ -23,11 +23,15 @@ __all__ = [
     "select_params",
 ]
 
+_RENORMALISING = (nn.Embedding, nn.EmbeddingBag)
 _STOCHASTIC_OR_BATCH_DEPENDENT = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
 
 
 def select_params(module: nn.Module, params: ParamSelection = None) -> ParamDict:
-    """The parameters of ``module`` to differentiate, detached, keyed by their names in ``module``.
+    """Copies of the parameters of ``module`` to differentiate, keyed by their names in ``module``.
+
+    The copies share no storage with the module's weights, so an op that writes its weight in
+    place (``nn.Embedding(max_norm=...)`` renormalises rows) cannot reach the user's model.
 
     ``params`` is ``None`` (every parameter with ``requires_grad``), or one or a sequence of:
     a parameter name (``"fc1.weight"``), a submodule name (``"fc1"``: all of its parameters),
@@ -40,7 +44,7 @@ def select_params(module: nn.Module, params: ParamSelection = None) -> ParamDict
                 f"select_params: {type(module).__name__} has no trainable parameters "
                 "(none with requires_grad=True); pass params=... to choose some explicitly."
             )
-        return {n: p.detach() for n, p in chosen.items()}
+        return {n: _copy(p) for n, p in chosen.items()}
     items = [params] if isinstance(params, str | nn.Module) else list(params)
     if not items:
         raise ValueError(
@@ -50,7 +54,12 @@ def select_params(module: nn.Module, params: ParamSelection = None) -> ParamDict
     for item in items:
         names.update(dict.fromkeys(_names_of(module, item)))
     all_params = dict(module.named_parameters())
-    return {n: all_params[n].detach() for n in names}
+    return {n: _copy(all_params[n]) for n in names}
+
+
+def _copy(param: Tensor) -> Tensor:
+    """A detached copy of a weight, with its own storage."""
+    return param.detach().clone()
 
 
 def _names_of(module: nn.Module, item: str | nn.Module) -> list[str]:
@@ -140,14 +149,27 @@ def _is_mode_sensitive(module: nn.Module) -> bool:
     return isinstance(dropout, float) and dropout > 0
 
 
-def clone_buffers_if_training(module: nn.Module) -> dict[str, Tensor]:
-    """Copies of the buffers when any submodule is in training mode, else ``{}``.
+def copies_of_weights_written_in_place(module: nn.Module) -> dict[str, Tensor]:
+    """Copies of the weights that the module's own forward pass overwrites.
 
-    Passing these to ``functional_call`` keeps training-mode updates (BatchNorm running
-    statistics) away from the user's module.
+    ``nn.Embedding`` and ``nn.EmbeddingBag`` with ``max_norm`` renormalise the rows they look up
+    in place. Passing copies to ``functional_call`` for the weights that are not selected (and
+    in ``Property.value()``) keeps those writes away from the user's module.
     """
-    if not any(m.training for m in module.modules()):
-        return {}
+    copies = {}
+    for path, sub in module.named_modules():
+        if isinstance(sub, _RENORMALISING) and sub.max_norm is not None:
+            copies[f"{path}.weight" if path else "weight"] = _copy(sub.weight)
+    return copies
+
+
+def clone_buffers(module: nn.Module) -> dict[str, Tensor]:
+    """Copies of all of the module's buffers (cheap: buffers are small next to the weights).
+
+    Passing these to ``functional_call`` keeps every in-place update of a buffer away from the
+    user's module: BatchNorm running statistics in training mode, or a forward pass that counts
+    its calls (``self.calls += 1``).
+    """
     return {n: b.clone() for n, b in module.named_buffers()}
 
 

@@ -15,13 +15,18 @@ from __future__ import annotations
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ntcov.params import ParamDict, check_mode, clone_buffers_if_training
+from ntcov.params import (
+    ParamDict,
+    check_mode,
+    clone_buffers,
+    copies_of_weights_written_in_place,
+)
 
 __all__ = ["PerExample", "Property"]
 
@@ -40,10 +45,16 @@ class _Apply(nn.Module):
 
 
 def _call(module: nn.Module, params: ParamDict, fn: Callable[..., Tensor], *args: Any) -> Tensor:
-    """``fn(module, *args)`` with ``module``'s parameters replaced by ``params``."""
+    """``fn(module, *args)`` with ``module``'s parameters replaced by ``params``.
+
+    The buffers are passed as copies, so a forward pass that updates a buffer in place (running
+    statistics, a call counter) never changes the user's module; so are the weights that the
+    forward pass itself overwrites (embeddings with ``max_norm``) when ``params`` lacks them.
+    """
     wrapper = _Apply(module)
-    state = {"module." + n: p for n, p in params.items()}
-    state.update({"module." + n: b for n, b in clone_buffers_if_training(module).items()})
+    copies = copies_of_weights_written_in_place(module)
+    state = {"module." + n: p for n, p in (copies | params).items()}
+    state.update({"module." + n: b for n, b in clone_buffers(module).items()})
     return functional_call(wrapper, state, (fn, *args), strict=False)
 
 
@@ -52,7 +63,8 @@ class PerExample:
     """Structure of a property whose row ``i`` depends only on input example ``i``.
 
     ``fn(module, *batch) -> Tensor[n, *item_shape]`` maps a batch of inputs (each ``[n, ...]``)
-    to one row per example; ``inputs`` are the full inputs, each ``[N, ...]``.
+    to one row per example; ``inputs`` are the full inputs, each ``[N, ...]``. Dim 0 of every
+    input and of the output is the example axis, and row ``i`` depends on example ``i`` only.
     """
 
     fn: Callable[..., Tensor]
@@ -118,8 +130,19 @@ class Property:
     ) -> Property:
         """A property ``fn(module, *inputs) -> [N, *item]`` whose row ``i`` uses only example ``i``.
 
-        ``inputs`` is one tensor or a tuple of tensors sharing their first dimension ``N``.
-        Declaring this lets the covariance engine use per-example gradients (``vmap``).
+        ``inputs`` is one tensor or a tuple of tensors sharing their first dimension ``N`` (use a
+        tuple for models with several inputs: ``fn(m, tokens, mask) = m(tokens, mask)``).
+        Declaring this lets the covariance engine use per-example gradients (``vmap`` over
+        single examples). Two assumptions come with it:
+
+        - dim 0 of every input and of the output is the example axis (not, for instance, the
+          time axis of a sequence-first RNN), and
+        - row ``i`` depends on example ``i`` only: no statistics over the batch (BatchNorm in
+          training mode, centring by the batch mean) and no broadcasting across examples.
+
+        Each chunk of per-example values is compared with the batch evaluation; if the first
+        disagrees, the rows are computed by batched VJPs instead (exact, slower) with a
+        :class:`~ntcov.FallbackWarning`; if a later one disagrees, a ``ValueError`` is raised.
         """
         inputs = (inputs,) if isinstance(inputs, Tensor) else tuple(inputs)
         sizes = {x.shape[0] if x.dim() else None for x in inputs}
@@ -156,7 +179,9 @@ class Property:
         """The property at the module's current weights, ``[*shape]``, without a graph."""
         check_mode(self.module, allow_train_mode=self.allow_train_mode)
         with torch.no_grad():
-            return self._fn({})
+            out = self._fn({})
+        check_is_tensor(self, out)
+        return out
 
     @property
     def shape(self) -> torch.Size:
@@ -165,6 +190,12 @@ class Property:
 
     def __repr__(self) -> str:
         return f"Property({self.name!r}, module={type(self.module).__name__})"
+
+    def __iter__(self) -> NoReturn:
+        # without this, Python would iterate through __getitem__ with 0, 1, 2, ... forever
+        raise TypeError(
+            f"a Property is not iterable; index it with prop[i] (property {self.name!r})."
+        )
 
     # ----- algebra -------------------------------------------------------------------------
 
@@ -205,7 +236,7 @@ class Property:
         if other.module is not self.module:
             raise ValueError(
                 f"Property {symbol}: both properties must be functions of the same module, got "
-                f"{type(self.module).__name__} and {type(other.module).__name__} objects."
+                f"{different_modules(self.module, other.module)}."
             )
 
     def __add__(self, other: Property | Constant) -> Property:
@@ -275,6 +306,24 @@ class Property:
     def reshape(self, *shape: int) -> Property:
         """The property's value reshaped (no per-example structure)."""
         return self.map(lambda v: v.reshape(shape), f"{self.name}.reshape{shape}")
+
+
+def check_is_tensor(prop: Property, out: Any) -> None:
+    """A property's ``fn`` must return a tensor (not a model's tuple or dict, not a number)."""
+    if not isinstance(out, Tensor):
+        raise TypeError(
+            f"property {prop.name!r} returned a {type(out).__name__}, expected a Tensor. If the "
+            "model returns a tuple or dict, index the model's output in fn, e.g. "
+            "lambda m: m(x)[0]."
+        )
+
+
+def different_modules(first: nn.Module, second: nn.Module) -> str:
+    """Describes two distinct module objects for an error message."""
+    return (
+        f"two different module objects ({type(first).__name__} and {type(second).__name__}); "
+        "build both properties from the same model"
+    )
 
 
 def _as_constant(value: Any, symbol: str) -> Tensor | float:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ntcov._autodiff import check_depends, check_output
+from ntcov._autodiff import check_depends, check_grads, check_output, refuse_inference_mode
 from ntcov.params import ParamDict, ParamSelection, as_requires_grad, select_params
 from ntcov.property import Property
 
@@ -18,17 +18,23 @@ __all__ = ["jacobian_loop", "ntcov_loop"]
 
 def jacobian_loop(prop: Property, params: ParamDict) -> Tensor:
     """The full Jacobian ``J = ∂x/∂w`` as ``[K, P]`` (parameters concatenated in dict order)."""
+    refuse_inference_mode("jacobian_loop")
     leaves = as_requires_grad(params)
     with torch.enable_grad():
         out = prop(leaves)
-    check_output(prop, out)
-    check_depends(prop, out)
-    flat = out.reshape(-1)
+        check_output(prop, out)
+        check_depends(prop, out)
+        flat = out.reshape(-1)
+        return _rows(prop, flat, leaves)
+
+
+def _rows(prop: Property, flat: Tensor, leaves: ParamDict) -> Tensor:
     rows = []
     for i in range(flat.numel()):
         grads = torch.autograd.grad(
             flat[i], list(leaves.values()), retain_graph=True, allow_unused=True
         )
+        check_grads(prop, grads)
         rows.append(
             torch.cat(
                 [
@@ -37,6 +43,8 @@ def jacobian_loop(prop: Property, params: ParamDict) -> Tensor:
                 ]
             )
         )
+    if not rows:
+        return flat.new_zeros(0, sum(p.numel() for p in leaves.values()))
     return torch.stack(rows)
 
 
@@ -45,6 +53,7 @@ def ntcov_loop(
 ) -> Tensor:
     """``J_a diag(M) J_bᵀ`` from two brute-force Jacobians (``M = 1`` without ``metric``),
     shape ``a.shape + b.shape``."""
+    refuse_inference_mode("ntcov_loop")
     weights = select_params(a.module, params)
     jac_a = jacobian_loop(a, weights)
     jac_b = jac_a if b is a else jacobian_loop(b, weights)

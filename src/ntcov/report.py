@@ -319,3 +319,35 @@ def save_figure(fig: Any, path: str | Path, *, dpi: int = 120) -> Path:
     finally:
         plt.close(fig)
     return path
+
+
+# ----- rank statistics -----------------------------------------------------------------------
+
+
+def ranks(values: ArrayLike | torch.Tensor) -> np.ndarray:
+    """Ranks ``1..K`` of the entries (ties share their average rank), ``[K]`` float64."""
+    flat = _as_flat(values)
+    order = np.argsort(flat, kind="stable")
+    ordinal = np.empty(flat.size, dtype=np.float64)
+    ordinal[order] = np.arange(1, flat.size + 1, dtype=np.float64)
+    _, group, counts = np.unique(flat, return_inverse=True, return_counts=True)
+    return (np.bincount(group, weights=ordinal) / counts)[group]
+
+
+def spearman(x: ArrayLike | torch.Tensor, y: ArrayLike | torch.Tensor) -> float:
+    """Spearman's rank correlation: the Pearson correlation of :func:`ranks` of ``x`` and ``y``.
+
+    Pairs where either value is ``nan`` are dropped (``±inf`` rank as extremes). ``nan`` with
+    fewer than two pairs or when either side is constant.
+    """
+    a, b = _pair(x, y, "spearman")
+    keep = ~(np.isnan(a) | np.isnan(b))
+    if keep.sum() < 2:
+        return math.nan
+    rank_a, rank_b = ranks(a[keep]), ranks(b[keep])
+    if rank_a.std() == 0 or rank_b.std() == 0:
+        return math.nan
+    return float(np.corrcoef(rank_a, rank_b)[0, 1])
+
+
+__all__ += ["ranks", "spearman"]

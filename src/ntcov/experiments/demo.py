@@ -18,6 +18,7 @@ agreement. The run writes ``results.json``, ``summary.md`` and ``demo.png`` to i
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -37,10 +38,19 @@ from ntcov.data import Split, load_digits_split
 from ntcov.experiments.models import digits_mlp
 from ntcov.property import Property
 
-__all__ = ["DemoConfig", "DemoResult", "StepRecord", "measure_step", "run_demo", "step_windows"]
+__all__ = [
+    "DemoConfig",
+    "DemoResult",
+    "StepRecord",
+    "measure_step",
+    "output_folder",
+    "run_demo",
+    "step_windows",
+]
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 R2_TARGET = 0.99
+SEED_MAX = 2**64 - 1  # the largest seed torch.manual_seed accepts
 WINDOW_EDGES = (10, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
 Echo = Callable[[str], None]
 
@@ -69,7 +79,7 @@ class DemoConfig:
 
     def __post_init__(self) -> None:
         _check_int("steps", self.steps, minimum=1)
-        _check_int("seed", self.seed, minimum=0)
+        _check_int("seed", self.seed, minimum=0, maximum=SEED_MAX)
         _check_int("hidden", self.hidden, minimum=1)
         _check_int("depth", self.depth, minimum=0)
         _check_int("shown", self.shown, minimum=1)
@@ -89,11 +99,28 @@ class DemoConfig:
         return DTYPES[self.dtype]
 
 
-def _check_int(name: str, value: Any, *, minimum: int) -> None:
+def _check_int(name: str, value: Any, *, minimum: int, maximum: int | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"DemoConfig: {name} must be an integer, got {value!r}.")
     if value < minimum:
         raise ValueError(f"DemoConfig: {name} must be >= {minimum}, got {value}.")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"DemoConfig: {name} must be <= {maximum}, got {value}.")
+
+
+def output_folder(out: str | Path) -> Path:
+    """The folder ``out``, created if missing; a ``ValueError`` saying why when it cannot be."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"output folder {str(path)!r} exists and is not a folder.")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        reason = err.strerror or str(err)
+        raise ValueError(f"cannot create the output folder {str(path)!r}: {reason}.") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write to the output folder {str(path)!r}: permission denied.")
+    return path
 
 
 # ----- one measured step ---------------------------------------------------------------------
@@ -544,8 +571,7 @@ def run_demo(
     and returned (``result.interrupted``) instead of being lost.
     """
     config = config if config is not None else DemoConfig()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_folder(out)
     started = time.perf_counter()
     setup = build_setup(config)
     trace = Trace(

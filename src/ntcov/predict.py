@@ -1,0 +1,310 @@
+"""Predict what one optimizer step does to a property: first and second order, and minibatch noise.
+
+The optimizer's next update is ``Δw = −M ∇L + b`` (:mod:`ntcov.metric`). For a property ``x(w)``
+(``[*S]``, ``K`` entries) the step changes it by
+
+    Δx = J_x Δw + ½ Δwᵀ H_x Δw + O(|Δw|³)
+
+where ``J_x Δw = J_x(−M ∇L) + J_x b`` (the *force*: Price's covariance under the metric ``M``,
+``ntcov_M(x, −L)``; and the *bias*: momentum, weight decay) is one forward-mode JVP per term, and
+``Δwᵀ H_x Δw`` (for all ``K`` entries at once) is the second directional derivative
+``d²/dε² x(w + εΔw)`` at ``ε = 0``: a forward-over-forward JVP, cost ≈ a few forward passes.
+
+With minibatches of ``B`` of the ``N`` examples (``L = mean_i ℓ_i``), the force becomes
+``(1/B) Σ_{i∈batch} c_i`` with per-example contributions ``c_i = J_x M (−∇ℓ_i)`` (``[*S, N]``,
+``−ntcov_M(x, ℓ)``). Its mean is the full-batch force and its standard deviation is
+
+    std = √(Var_i(c_i) / B · f),    f = (N − B)/(N − 1) without replacement, 1 with replacement
+
+(``Var_i`` the population variance over the ``N`` examples). For adaptive optimizers ``M`` is
+frozen at the full-batch gradient, and the second-order term is that of the mean step.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from enum import Enum
+from statistics import NormalDist
+
+import torch
+from torch import Tensor
+from torch.func import jvp
+
+from ntcov import _autodiff
+from ntcov.covariance import ntcov
+from ntcov.metric import GradDict, optimizer_step
+from ntcov.params import ParamDict, check_mode, select_params
+from ntcov.property import Property
+
+__all__ = ["Sampling", "StepPrediction", "predict_step"]
+
+
+class Sampling(str, Enum):
+    """How a minibatch is drawn from the ``N`` training examples."""
+
+    WITHOUT_REPLACEMENT = "without_replacement"
+    WITH_REPLACEMENT = "with_replacement"
+
+
+@dataclass(frozen=True, eq=False)
+class StepPrediction:
+    """The predicted change of a property ``x`` over one optimizer step; every tensor is ``[*S]``.
+
+    - ``value``: ``x`` at the current weights.
+    - ``force``: ``J_x(−M ∇L)``, the change driven by the loss gradient.
+    - ``bias``: ``J_x b``, the change driven by the optimizer's carry-over (momentum, decay).
+    - ``first_order``: ``J_x Δw = force + bias`` (the minibatch mean with ``batch_size``).
+    - ``second_order``: ``½ Δwᵀ H_x Δw`` (``order=2``), else ``None``.
+    - ``std``: the minibatch standard deviation of the change (zeros for a full batch).
+    """
+
+    value: Tensor
+    force: Tensor
+    bias: Tensor
+    first_order: Tensor
+    second_order: Tensor | None
+    std: Tensor
+    batch_size: int | None
+
+    @property
+    def total(self) -> Tensor:
+        """The predicted change: ``first_order + second_order`` (``first_order`` at order 1)."""
+        if self.second_order is None:
+            return self.first_order
+        return self.first_order + self.second_order
+
+    @property
+    def linearity(self) -> Tensor:
+        """``|second_order| / |first_order|`` per entry: near 1 or above, the expansion fails."""
+        if self.second_order is None:
+            raise ValueError(
+                "StepPrediction.linearity needs the second-order term; call predict_step with "
+                "order=2."
+            )
+        tiny = torch.finfo(self.first_order.dtype).tiny
+        return self.second_order.abs() / (self.first_order.abs() + tiny)
+
+    def interval(self, level: float = 0.95) -> tuple[Tensor, Tensor]:
+        """Central prediction interval ``total ± z·std`` (normal approximation), ``[*S]`` each."""
+        if not 0 < level < 1:
+            raise ValueError(f"StepPrediction.interval: level must be in (0, 1), got {level}.")
+        z = NormalDist().inv_cdf(0.5 + level / 2)
+        return self.total - z * self.std, self.total + z * self.std
+
+
+def predict_step(
+    x: Property,
+    loss: Property,
+    optimizer: torch.optim.Optimizer,
+    *,
+    batch_size: int | None = None,
+    order: int = 1,
+    per_example_loss: Property | None = None,
+    sampling: Sampling | str = Sampling.WITHOUT_REPLACEMENT,
+) -> StepPrediction:
+    """Predict the change of ``x`` when ``optimizer`` steps on the gradient of ``loss``.
+
+    ``loss`` is a scalar property (the full-batch loss) of the module that ``x`` belongs to;
+    the module's current weights and the optimizer's current state are used, and neither is
+    changed. ``order=2`` adds ``½ Δwᵀ H_x Δw``. With ``batch_size`` (``B``), ``per_example_loss``
+    (``[N]``, whose mean is ``loss``) gives the minibatch standard deviation ``std``.
+    Parameters that ``loss`` does not use have no gradient, so the optimizer skips them.
+
+    Cost: one backward pass of ``loss``, one or two JVPs of ``x``; a nested JVP for
+    ``order=2``; ``ntcov(x, per_example_loss)`` (``[*S, N]``) for the minibatch noise.
+    """
+    _check_properties(x, loss, per_example_loss)
+    if order not in (1, 2):
+        raise ValueError(f"predict_step: order must be 1 or 2, got {order!r}.")
+    chosen = _as_sampling(sampling)
+    count = _check_minibatch(batch_size, per_example_loss, loss, chosen)
+    weights = select_params(x.module)
+    grad = _loss_gradient(loss, weights)
+    step = optimizer_step(optimizer, x.module, grad)
+    force_direction = _restrict(step.force(grad), weights)
+    bias_direction = _restrict(step.bias, weights)
+    value, force = _autodiff.directional(x, weights, force_direction, force_reverse=False)
+    bias = _jvp_unless_zero(x, weights, bias_direction, like=force)
+    second = None
+    if order == 2:
+        delta = {n: force_direction[n] + bias_direction[n] for n in weights}
+        second = 0.5 * second_directional(x, weights, delta)
+    std = torch.zeros_like(force)
+    if batch_size is not None and per_example_loss is not None and count is not None:
+        metric = _restrict(step.metric, weights)
+        std = _minibatch_std(x, per_example_loss, metric, batch_size, count, chosen)
+    return StepPrediction(value, force, bias, force + bias, second, std, batch_size)
+
+
+def second_directional(prop: Property, weights: ParamDict, direction: ParamDict) -> Tensor:
+    """``d²/dε² x(w + εv)`` at ``ε = 0`` (``vᵀ H_k v`` for every entry ``k``), ``[*S]``.
+
+    Forward-over-forward (a JVP of a JVP, cost ≈ four forward passes); where an op has no
+    forward-mode AD, reverse-over-reverse-over-reverse with a :class:`FallbackWarning`.
+    """
+
+    def along(w: ParamDict) -> Tensor:
+        return jvp(prop, (w,), (direction,))[1]
+
+    _autodiff._load_forward_ad()
+    try:
+        with _autodiff.composite_attention():
+            return jvp(along, (weights,), (direction,))[1].detach()
+    except NotImplementedError as err:
+        _warn_second_order_fallback(prop, err)
+    return _second_directional_reverse(prop, weights, direction)
+
+
+def _second_directional_reverse(prop: Property, weights: ParamDict, direction: ParamDict) -> Tensor:
+    """``vᵀ H_k v`` by three reverse passes: ``∂/∂u [v · ∇_w (uᵀ J v)]`` (linear in ``u``)."""
+    with _autodiff.composite_attention():
+        out, leaves = _autodiff.evaluate(prop, weights)
+    probe = torch.ones_like(out, requires_grad=True)
+    with torch.enable_grad():
+        pulled = torch.autograd.grad(
+            out, list(leaves.values()), probe, create_graph=True, allow_unused=True
+        )
+        inner = _dot(pulled, direction, leaves)
+        if inner is None or not inner.requires_grad:
+            return torch.zeros_like(out).detach()
+        curvature = torch.autograd.grad(
+            inner, list(leaves.values()), create_graph=True, allow_unused=True
+        )
+        outer = _dot(curvature, direction, leaves)
+    if outer is None or not outer.requires_grad:
+        return torch.zeros_like(out).detach()
+    (result,) = torch.autograd.grad(outer, probe, allow_unused=True)
+    return torch.zeros_like(out).detach() if result is None else result.detach()
+
+
+def _dot(
+    grads: tuple[Tensor | None, ...], direction: ParamDict, leaves: ParamDict
+) -> Tensor | None:
+    terms = [(g * direction[n]).sum() for n, g in zip(leaves, grads, strict=True) if g is not None]
+    return torch.stack(terms).sum() if terms else None
+
+
+def _warn_second_order_fallback(prop: Property, err: Exception) -> None:
+    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    warnings.warn(
+        f"forward-over-forward AD is not available for property {prop.name!r} ({first_line}); "
+        "computing the second-order term by reverse-over-reverse-over-reverse instead (same "
+        "numbers, slower).",
+        _autodiff.FallbackWarning,
+        stacklevel=4,
+    )
+
+
+def _loss_gradient(loss: Property, weights: ParamDict) -> GradDict:
+    """``∇L`` per parameter; ``None`` where ``L`` does not use it (as ``.grad`` would be)."""
+    out, leaves = _autodiff.evaluate(loss, weights)
+    if out.numel() != 1:
+        raise ValueError(
+            f"predict_step: loss {loss.name!r} must be a scalar property, got shape "
+            f"{list(out.shape)}. Reduce it first (prop.mean())."
+        )
+    with torch.enable_grad():  # the reshape must be recorded even under torch.no_grad()
+        scalar = out.reshape(())
+    grads = torch.autograd.grad(scalar, list(leaves.values()), allow_unused=True)
+    return {n: None if g is None else g.detach() for n, g in zip(leaves, grads, strict=True)}
+
+
+def _restrict(tangent: ParamDict, weights: ParamDict) -> ParamDict:
+    return {n: tangent[n] for n in weights}
+
+
+def _jvp_unless_zero(
+    prop: Property, weights: ParamDict, tangent: ParamDict, like: Tensor
+) -> Tensor:
+    if not any(t.any() for t in tangent.values()):
+        return torch.zeros_like(like)
+    return _autodiff.directional(prop, weights, tangent, force_reverse=False)[1]
+
+
+def _minibatch_std(
+    x: Property,
+    per_example_loss: Property,
+    metric: ParamDict,
+    batch_size: int,
+    count: int,
+    sampling: Sampling,
+) -> Tensor:
+    """``√(Var_i(c_i) / B · f)`` with ``c_i = J_x M (−∇ℓ_i)`` over the ``N = count`` examples."""
+    contributions = -ntcov(x, per_example_loss, metric=metric)  # [*S, N]
+    variance = contributions.reshape(-1, count).var(dim=1, correction=0)
+    factor = 1.0
+    if sampling is Sampling.WITHOUT_REPLACEMENT:
+        factor = (count - batch_size) / (count - 1) if count > 1 else 0.0
+    return (variance / batch_size * factor).sqrt().reshape(contributions.shape[:-1])
+
+
+def _check_minibatch(
+    batch_size: int | None, per_example_loss: Property | None, loss: Property, sampling: Sampling
+) -> int | None:
+    """Validate the minibatch arguments; the number of examples ``N`` (``None``: full batch)."""
+    if batch_size is None:
+        if per_example_loss is not None:
+            raise ValueError(
+                "predict_step: per_example_loss is only used with batch_size; pass batch_size=B "
+                "for the minibatch standard deviation, or drop per_example_loss."
+            )
+        return None
+    if per_example_loss is None:
+        raise ValueError(
+            "predict_step: batch_size needs per_example_loss, a Property [N] of the losses of "
+            "the N training examples whose mean is loss (e.g. "
+            "ntcov.properties.per_example_loss(model, x, y))."
+        )
+    count = _check_per_example_loss(per_example_loss, loss)
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"predict_step: batch_size must be a positive int, got {batch_size!r}.")
+    if sampling is Sampling.WITHOUT_REPLACEMENT and batch_size > count:
+        raise ValueError(
+            f"predict_step: batch_size={batch_size} exceeds the {count} examples of "
+            "per_example_loss; sampling without replacement needs batch_size <= N."
+        )
+    return count
+
+
+def _check_per_example_loss(per_example_loss: Property, loss: Property) -> int:
+    values = per_example_loss.value()
+    if values.dim() != 1:
+        raise ValueError(
+            f"predict_step: per_example_loss must have shape [N], got {list(values.shape)}."
+        )
+    mean, full = values.mean(), loss.value().reshape(())
+    if not torch.allclose(mean, full, rtol=1e-6, atol=1e-12):
+        raise ValueError(
+            f"predict_step: per_example_loss has mean {float(mean):.6g} but loss is "
+            f"{float(full):.6g}; the minibatch noise needs L = mean_i ℓ_i (fold any "
+            "regulariser into each example's loss)."
+        )
+    return values.shape[0]
+
+
+def _check_properties(x: Property, loss: Property, per_example_loss: Property | None) -> None:
+    props = {"x": x, "loss": loss, "per_example_loss": per_example_loss}
+    for label, prop in props.items():
+        if prop is None:
+            continue
+        if not isinstance(prop, Property):
+            raise TypeError(
+                f"predict_step: {label} must be an ntcov.Property, got {type(prop).__name__}."
+            )
+        if prop.module is not x.module:
+            raise ValueError(
+                f"predict_step: {label} is a property of a different module than x; all must "
+                "be functions of the same model."
+            )
+        check_mode(prop.module, allow_train_mode=prop.allow_train_mode)
+
+
+def _as_sampling(sampling: Sampling | str) -> Sampling:
+    try:
+        return Sampling(sampling)
+    except ValueError:
+        choices = ", ".join(repr(s.value) for s in Sampling)
+        raise ValueError(
+            f"predict_step: unknown sampling {sampling!r}; choose one of {choices}."
+        ) from None

@@ -1,0 +1,59 @@
+"""Hessian-vector products and the sharpness against an explicit Hessian in float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from ntcov import properties
+from ntcov.curvature import hessian_vector_product, sharpness
+from ntcov.params import select_params
+
+
+def _problem(seed: int = 0) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double().eval()
+    return model, torch.randn(20, 3, dtype=torch.float64), torch.randint(0, 3, (20,))
+
+
+def _explicit_hessian(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    weights = select_params(model)
+    flat = torch.cat([p.reshape(-1) for p in weights.values()])
+    loss = properties.loss(model, x, y)
+
+    def of_flat(vector: torch.Tensor) -> torch.Tensor:
+        parts, start = {}, 0
+        for name, p in weights.items():
+            parts[name] = vector[start : start + p.numel()].reshape(p.shape)
+            start += p.numel()
+        return loss(parts)
+
+    return torch.autograd.functional.hessian(of_flat, flat)
+
+
+def test_hessian_vector_product_matches_explicit_hessian() -> None:
+    model, x, y = _problem()
+    hessian = _explicit_hessian(model, x, y)
+    weights = select_params(model)
+    vector = {n: torch.randn_like(p) for n, p in weights.items()}
+    flat_v = torch.cat([v.reshape(-1) for v in vector.values()])
+    hv = hessian_vector_product(properties.loss(model, x, y), vector)
+    flat_hv = torch.cat([h.reshape(-1) for h in hv.values()])
+    torch.testing.assert_close(flat_hv, hessian @ flat_v, rtol=1e-10, atol=1e-12)
+
+
+def test_sharpness_is_the_top_eigenvalue() -> None:
+    model, x, y = _problem(1)
+    eigenvalues = torch.linalg.eigvalsh(_explicit_hessian(model, x, y))
+    top = eigenvalues[eigenvalues.abs().argmax()].item()
+    estimate = sharpness(properties.loss(model, x, y), iterations=500, tolerance=1e-12)
+    assert estimate == pytest.approx(top, rel=1e-6)
+
+
+def test_sharpness_refuses_non_scalar_and_bad_iterations() -> None:
+    model, x, y = _problem()
+    with pytest.raises(ValueError, match="must be a scalar"):
+        sharpness(properties.logits(model, x))
+    with pytest.raises(ValueError, match="iterations must be at least 1"):
+        sharpness(properties.loss(model, x, y), iterations=0)

@@ -1,0 +1,352 @@
+"""predict_step against real optimizer steps: first and second order, and minibatch noise."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, hessian
+
+import ntcov
+from ntcov import FallbackWarning, Property, properties
+from ntcov.metric import optimizer_step
+from ntcov.params import select_params
+from ntcov.predict import _second_directional_reverse, second_directional
+from ntcov.reference import jacobian_loop
+from tests.zoo import ZOO
+
+DTYPE = torch.float64
+NUM_TRAIN = 48
+Optim = torch.optim.Optimizer
+
+
+@dataclass
+class Setup:
+    """A model (in eval mode), its training data, probe inputs and the properties over them."""
+
+    model: nn.Module
+    x_train: Tensor
+    y_train: Tensor
+    logits: Property  # [10, 3] on probe inputs
+    loss: Property
+    per_example_loss: Property
+
+
+@functools.cache
+def _base() -> tuple[nn.Module, Tensor, Tensor, Tensor]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 3)).to(DTYPE).eval()
+    x = torch.randn(NUM_TRAIN, 4, dtype=DTYPE)
+    return model, x, torch.randint(0, 3, (NUM_TRAIN,)), torch.randn(10, 4, dtype=DTYPE)
+
+
+def make_setup() -> Setup:
+    """A fresh copy of the same model (so each test may train it)."""
+    base, x, y, probe = _base()
+    model = copy.deepcopy(base)
+    return Setup(
+        model,
+        x,
+        y,
+        properties.logits(model, probe),
+        properties.loss(model, x, y),
+        properties.per_example_loss(model, x, y),
+    )
+
+
+def train_step(s: Setup, optimizer: Optim, index: Tensor | None = None) -> None:
+    """One real step on the full batch (or the examples ``index``)."""
+    x, y = (s.x_train, s.y_train) if index is None else (s.x_train[index], s.y_train[index])
+    optimizer.zero_grad()
+    F.cross_entropy(s.model(x), y).backward()
+    optimizer.step()
+
+
+def actual_change(s: Setup, optimizer: Optim, index: Tensor | None = None) -> Tensor:
+    before = s.logits.value()
+    train_step(s, optimizer, index)
+    return s.logits.value() - before
+
+
+def relative(error: Tensor, reference: Tensor) -> float:
+    return float(error.norm() / reference.norm())
+
+
+def sgd_errors(lr: float) -> tuple[float, float, float]:
+    """``(|Δ − first|, |Δ − first − second|, |Δ|)`` for one SGD step of rate ``lr``."""
+    s = make_setup()
+    optimizer = torch.optim.SGD(s.model.parameters(), lr=lr)
+    prediction = ntcov.predict_step(s.logits, s.loss, optimizer, order=2)
+    change = actual_change(s, optimizer)
+    first, total = change - prediction.first_order, change - prediction.total
+    return float(first.norm()), float(total.norm()), float(change.norm())
+
+
+def test_sgd_first_and_second_order_errors_scale_with_the_learning_rate() -> None:
+    big, small = sgd_errors(0.2), sgd_errors(0.1)
+    assert big[0] / big[2] < 5e-3 and big[1] / big[2] < 5e-5  # O(η) and O(η²), relative
+    assert 3.8 < big[0] / small[0] < 4.2  # first order: absolute error O(η²)
+    assert 7.5 < big[1] / small[1] < 8.5  # with the second order: O(η³)
+
+
+def step_delta(s: Setup, optimizer: Optim) -> dict[str, Tensor]:
+    weights = select_params(s.model)
+    grad = dict(zip(weights, _grads(s.loss, weights), strict=True))
+    return optimizer_step(optimizer, s.model, grad).delta(grad)
+
+
+def _leaves(weights: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {n: w.clone().requires_grad_(True) for n, w in weights.items()}
+
+
+def shifted(s: Setup, delta: dict[str, Tensor], eps: float) -> Tensor:
+    weights = select_params(s.model)
+    return s.logits({n: w + eps * delta[n] for n, w in weights.items()}).detach()
+
+
+def warmed_up(kind: str, lr: float) -> tuple[Setup, Optim]:
+    s = make_setup()
+    optimizer = OPTIMIZERS[kind](s.model.parameters(), lr)
+    for _ in range(3):
+        train_step(s, optimizer)
+    return s, optimizer
+
+
+OPTIMIZERS: dict[str, Any] = {
+    "sgd": lambda p, lr: torch.optim.SGD(p, lr=lr),
+    "momentum": lambda p, lr: torch.optim.SGD(p, lr=lr, momentum=0.9, weight_decay=0.01),
+    "nesterov": lambda p, lr: torch.optim.SGD(p, lr=lr, momentum=0.9, nesterov=True),
+    "adam": lambda p, lr: torch.optim.Adam(p, lr=lr / 100, weight_decay=0.01),
+    "adamw": lambda p, lr: torch.optim.AdamW(p, lr=lr / 100, weight_decay=0.1, amsgrad=True),
+    "rmsprop": lambda p, lr: torch.optim.RMSprop(p, lr=lr / 100, momentum=0.5, centered=True),
+    "adagrad": lambda p, lr: torch.optim.Adagrad(p, lr=lr / 10),
+}
+
+
+def test_second_order_is_the_second_difference_along_the_step() -> None:
+    s, optimizer = warmed_up("momentum", 0.3)
+    prediction = ntcov.predict_step(s.logits, s.loss, optimizer, order=2)
+    delta, h = step_delta(s, optimizer), 1e-2
+    plus, minus, here = shifted(s, delta, h), shifted(s, delta, -h), s.logits.value()
+    assert prediction.second_order is not None
+    finite = (plus - 2 * here + minus) / (2 * h * h)
+    assert relative(prediction.second_order - finite, finite) < 1e-4
+    derivative = (plus - minus) / (2 * h)
+    assert relative(prediction.first_order - derivative, derivative) < 1e-4
+
+
+def test_second_order_matches_an_explicit_hessian() -> None:
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 2)).to(DTYPE)
+    inputs = torch.randn(4, 2, dtype=DTYPE)
+    prop = properties.logits(model, inputs)
+    weights = select_params(model)
+    names, shapes = list(weights), [w.shape for w in weights.values()]
+    flat = torch.cat([w.reshape(-1) for w in weights.values()])
+    direction = torch.randn(flat.shape, dtype=DTYPE)
+
+    def unflatten(v: Tensor) -> dict[str, Tensor]:
+        parts = torch.split(v, [math.prod(shape) for shape in shapes])
+        return {n: p.reshape(shape) for n, p, shape in zip(names, parts, shapes, strict=True)}
+
+    def logits(v: Tensor) -> Tensor:
+        return functional_call(model, unflatten(v), (inputs,)).reshape(-1)
+
+    full = hessian(logits)(flat)  # [K, P, P]
+    expected = torch.einsum("p,kpq,q->k", direction, full, direction).reshape(4, 2)
+    tangent = unflatten(direction)
+    for computed in (
+        second_directional(prop, weights, tangent),
+        _second_directional_reverse(prop, weights, tangent),
+    ):
+        assert torch.allclose(computed, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_force_plus_bias_is_the_jacobian_times_the_step() -> None:
+    s, optimizer = warmed_up("momentum", 0.3)
+    prediction = ntcov.predict_step(s.logits, s.loss, optimizer)
+    assert prediction.bias.abs().max() > 0.1 * prediction.force.abs().max()  # momentum matters
+    assert torch.equal(prediction.first_order, prediction.force + prediction.bias)
+    weights = select_params(s.model)
+    delta = step_delta(s, optimizer)
+    jacobian = jacobian_loop(s.logits, weights)  # [K, P]
+    expected = (jacobian @ torch.cat([delta[n].reshape(-1) for n in weights])).reshape(10, 3)
+    assert torch.allclose(prediction.first_order, expected, rtol=1e-10, atol=1e-14)
+    assert torch.allclose(prediction.value, s.logits.value(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", list(OPTIMIZERS))
+def test_prediction_matches_real_steps_after_warm_up(kind: str) -> None:
+    s, optimizer = warmed_up(kind, 0.05)
+    prediction = ntcov.predict_step(s.logits, s.loss, optimizer, order=2)
+    change = actual_change(s, optimizer)
+    first = relative(change - prediction.first_order, change)
+    total = relative(change - prediction.total, change)
+    assert first < 5e-3, first  # measured 3e-4 (SGD) to 4.5e-3 (centered RMSprop)
+    assert total < first / 25, (first, total)  # measured 40× to 180× smaller
+    assert (prediction.linearity < 0.1).double().mean() > 0.9
+
+
+def test_prediction_changes_nothing() -> None:
+    s, optimizer = warmed_up("adamw", 0.1)
+    for p in s.model.parameters():
+        p.grad = torch.ones_like(p)
+    state = copy.deepcopy(optimizer.state_dict())
+    weights = copy.deepcopy(s.model.state_dict())
+    ntcov.predict_step(
+        s.logits, s.loss, optimizer, order=2, batch_size=8, per_example_loss=s.per_example_loss
+    )
+    after = optimizer.state_dict()
+    for key, entry in state["state"].items():
+        for name, tensor in entry.items():
+            assert torch.equal(after["state"][key][name], tensor)
+    assert after["param_groups"] == state["param_groups"]
+    for name, tensor in s.model.state_dict().items():
+        assert torch.equal(tensor, weights[name])
+    assert all(torch.equal(p.grad, torch.ones_like(p)) for p in s.model.parameters())
+
+
+def test_prediction_is_the_same_inside_no_grad() -> None:
+    s, optimizer = warmed_up("adam", 0.1)
+    run = functools.partial(
+        ntcov.predict_step,
+        s.logits,
+        s.loss,
+        optimizer,
+        order=2,
+        batch_size=8,
+        per_example_loss=s.per_example_loss,
+    )
+    outside = run()
+    with torch.no_grad():
+        inside = run()
+    for name in ("first_order", "force", "bias", "second_order", "std"):
+        assert torch.equal(getattr(inside, name), getattr(outside, name)), name
+
+
+def minibatch_changes(
+    s: Setup, lr: float, batch: int, draws: int, sampling: str
+) -> tuple[Tensor, ntcov.StepPrediction]:
+    """Actual changes ``[draws, 10, 3]`` of SGD minibatch steps from one fixed state."""
+    optimizer = torch.optim.SGD(s.model.parameters(), lr=lr)
+    prediction = ntcov.predict_step(
+        s.logits,
+        s.loss,
+        optimizer,
+        batch_size=batch,
+        per_example_loss=s.per_example_loss,
+        sampling=sampling,
+    )
+    start = copy.deepcopy(s.model.state_dict())
+    generator = torch.Generator().manual_seed(0)
+    changes = []
+    for _ in range(draws):
+        if sampling == "without_replacement":
+            index = torch.randperm(NUM_TRAIN, generator=generator)[:batch]
+        else:
+            index = torch.randint(0, NUM_TRAIN, (batch,), generator=generator)
+        changes.append(actual_change(s, optimizer, index))
+        s.model.load_state_dict(start)
+    return torch.stack(changes), prediction
+
+
+@pytest.mark.parametrize("sampling", ["without_replacement", "with_replacement"])
+def test_minibatch_std_and_interval_match_real_minibatches(sampling: str) -> None:
+    s = make_setup()
+    changes, prediction = minibatch_changes(s, 0.05, 12, 400, sampling)
+    ratio = float((changes.var(0).sum() / prediction.std.square().sum()).sqrt())
+    assert 0.9 < ratio < 1.1, ratio
+    per_entry = changes.std(0) / prediction.std
+    assert 0.8 < float(per_entry.median()) < 1.2
+    mean_error = (changes.mean(0) - prediction.total) / (prediction.std / 20)  # 400 draws
+    assert float(mean_error.abs().max()) < 5
+    low, high = prediction.interval(0.95)
+    covered = ((changes >= low) & (changes <= high)).double().mean()
+    assert 0.9 < float(covered) < 0.99, float(covered)
+
+
+def test_full_batch_has_no_noise_without_replacement() -> None:
+    s = make_setup()
+    optimizer = torch.optim.SGD(s.model.parameters(), lr=0.1)
+    run = functools.partial(
+        ntcov.predict_step, s.logits, s.loss, optimizer, per_example_loss=s.per_example_loss
+    )
+    assert not run(batch_size=NUM_TRAIN).std.any()
+    assert run(batch_size=NUM_TRAIN, sampling="with_replacement").std.min() > 0
+    full = ntcov.predict_step(s.logits, s.loss, optimizer)
+    assert not full.std.any()
+    assert torch.equal(run(batch_size=4).first_order, full.first_order)
+    low, high = full.interval()
+    assert torch.equal(low, full.total) and torch.equal(high, full.total)
+
+
+def test_std_follows_the_finite_population_formula() -> None:
+    s = make_setup()
+    optimizer = torch.optim.SGD(s.model.parameters(), lr=0.1)
+    run = functools.partial(
+        ntcov.predict_step, s.logits, s.loss, optimizer, per_example_loss=s.per_example_loss
+    )
+    per_example = -ntcov.ntcov(s.logits, s.per_example_loss) * 0.1  # [10, 3, N]
+    variance = per_example.var(-1, correction=0)
+    for batch in (1, 5, 30):
+        factor = (NUM_TRAIN - batch) / (NUM_TRAIN - 1)
+        expected = (variance / batch * factor).sqrt()
+        assert torch.allclose(run(batch_size=batch).std, expected, rtol=1e-10, atol=0)
+
+
+def test_second_order_falls_back_to_reverse_mode() -> None:
+    case = ZOO["transformer"]()
+    prop = properties.logits(case.model, case.x)
+    loss = properties.loss(case.model, case.x, case.y)
+    optimizer = torch.optim.SGD(case.model.parameters(), lr=0.1, momentum=0.9)
+    with pytest.warns(FallbackWarning, match="reverse"):
+        prediction = ntcov.predict_step(prop, loss, optimizer, order=2)
+    weights = select_params(case.model)
+    delta = {n: -0.1 * g for n, g in zip(weights, _grads(loss, weights), strict=True)}
+    h = 1e-2
+    with torch.no_grad():
+        values = [prop({n: w + e * h * delta[n] for n, w in weights.items()}) for e in (1, 0, -1)]
+    finite = (values[0] - 2 * values[1] + values[2]) / (2 * h * h)
+    assert prediction.second_order is not None
+    assert relative(prediction.second_order - finite, finite) < 1e-3
+
+
+def _grads(loss: Property, weights: dict[str, Tensor]) -> tuple[Tensor, ...]:
+    leaves = _leaves(weights)
+    return torch.autograd.grad(loss(leaves), list(leaves.values()))
+
+
+def test_bad_arguments_are_refused() -> None:
+    s = make_setup()
+    optimizer = torch.optim.SGD(s.model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="needs per_example_loss"):
+        ntcov.predict_step(s.logits, s.loss, optimizer, batch_size=4)
+    with pytest.raises(ValueError, match="only used with batch_size"):
+        ntcov.predict_step(s.logits, s.loss, optimizer, per_example_loss=s.per_example_loss)
+    with pytest.raises(ValueError, match="mean"):
+        ntcov.predict_step(
+            s.logits, s.loss, optimizer, batch_size=4, per_example_loss=2 * s.per_example_loss
+        )
+    with pytest.raises(ValueError, match="batch_size=49"):
+        ntcov.predict_step(
+            s.logits, s.loss, optimizer, batch_size=49, per_example_loss=s.per_example_loss
+        )
+    with pytest.raises(ValueError, match="order"):
+        ntcov.predict_step(s.logits, s.loss, optimizer, order=3)
+    with pytest.raises(ValueError, match="sampling"):
+        ntcov.predict_step(s.logits, s.loss, optimizer, sampling="bootstrap")
+    with pytest.raises(ValueError, match="scalar"):
+        ntcov.predict_step(s.logits, s.per_example_loss, optimizer)
+    with pytest.raises(ValueError, match="different module"):
+        ntcov.predict_step(s.logits, make_setup().loss, optimizer)
+    with pytest.raises(ValueError, match="order=2"):
+        _ = ntcov.predict_step(s.logits, s.loss, optimizer).linearity
+    with pytest.raises(ValueError, match="level"):
+        ntcov.predict_step(s.logits, s.loss, optimizer).interval(1.5)
