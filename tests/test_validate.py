@@ -57,7 +57,7 @@ def test_quick_run_writes_report_results_changes_and_figures(quick_run: Any) -> 
 
 
 def test_results_json_has_config_versions_seed_and_every_cell(quick_run: Any) -> None:
-    result, out = quick_run
+    _, out = quick_run
     data = json.loads((out / "results.json").read_text())
     config = ValidateConfig.quick()
     assert data["status"] == "complete" and data["seed"] == 0
@@ -168,6 +168,18 @@ def test_edge_of_stability_breaks_every_predictor(quick_run: Any) -> None:
     cell = _cell(result, "mlp sgd η·λ₀=1.8 full")
     assert all(p["r2"] < 0.9 for p in cell["summary"]["predictors"].values())
     assert cell["forecast"]["horizon"] is not None and cell["forecast"]["horizon"] <= 3
+    assert cell["summary"]["loss_spike_step"] is not None
+
+
+def test_plain_prediction_is_the_force_term_for_sgd(quick_run: Any) -> None:
+    """For SGD the plain prediction is taken from predict_step's force (M = ηI); the first
+    step of every SGD cell checks it against η·rate."""
+    result, _ = quick_run
+    for cell in result.cells:
+        if cell["cell"]["optimizer"] in ("sgd", "momentum"):
+            assert cell["per_step"][0]["plain_identity_error"] < 1e-12
+        else:
+            assert "plain_identity_error" not in cell["per_step"][0]
 
 
 # ----- interruption and failure --------------------------------------------------------------
@@ -192,11 +204,11 @@ def test_interrupted_run_keeps_what_was_measured(
 ) -> None:
     real_step, calls = validate.measure_step, []
 
-    def interrupt_third(*args: Any) -> validate.StepRecord:
+    def interrupt_third(*args: Any, **kwargs: Any) -> validate.StepRecord:
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return real_step(*args)
+        return real_step(*args, **kwargs)
 
     monkeypatch.setattr(validate, "measure_step", interrupt_third)
     result = validate.run(_tiny(lr_scales=(0.5, 0.1)), tmp_path, progress=False, echo=None)
