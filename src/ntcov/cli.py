@@ -9,6 +9,7 @@ sets ``handler=run_<name>``, and list it in :data:`COMMANDS`.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Callable, Sequence
 
@@ -148,9 +149,37 @@ def run_validate(args: argparse.Namespace) -> int:
     return EXIT_INTERRUPTED if result.interrupted else 0
 
 
+# ----- ntcov experiment NAME ------------------------------------------------------------------
+
+EXPERIMENTS: tuple[str, ...] = ()
+"""Modules of :mod:`ntcov.experiments` run by ``ntcov experiment NAME``. Each defines ``HELP``
+(one line), ``add_arguments(parser)`` and ``run_from_args(args) -> int`` (the exit status;
+``args.parser.error`` reports bad values)."""
+
+
+def add_experiment(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "experiment",
+        help="run one of the seed's claims as an experiment (plots, JSON, markdown verdict)",
+        description="Run one experiment: " + ", ".join(EXPERIMENTS) + ".",
+    )
+    names = parser.add_subparsers(title="experiments", metavar="NAME")
+    for name in EXPERIMENTS:
+        module = importlib.import_module(f"ntcov.experiments.{name}")
+        sub = names.add_parser(name, help=module.HELP, description=module.__doc__)
+        module.add_arguments(sub)
+        sub.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+        sub.set_defaults(handler=module.run_from_args, parser=sub)
+    parser.set_defaults(parser=parser)
+
+
 # ----- the parser ----------------------------------------------------------------------------
 
-COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (add_demo, add_validate)
+COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
+    add_demo,
+    add_validate,
+    add_experiment,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
