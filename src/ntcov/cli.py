@@ -151,7 +151,7 @@ def run_validate(args: argparse.Namespace) -> int:
 
 # ----- ntcov experiment NAME ------------------------------------------------------------------
 
-EXPERIMENTS: tuple[str, ...] = ()
+EXPERIMENTS: tuple[str, ...] = ("linearity", "juice", "bernoulli")
 """Modules of :mod:`ntcov.experiments` run by ``ntcov experiment NAME``. Each defines ``HELP``
 (one line), ``add_arguments(parser)`` and ``run_from_args(args) -> int`` (the exit status;
 ``args.parser.error`` reports bad values)."""
