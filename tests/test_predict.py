@@ -6,6 +6,7 @@ import copy
 import functools
 import math
 from dataclasses import dataclass
+from statistics import NormalDist
 from typing import Any
 
 import pytest
@@ -350,3 +351,108 @@ def test_bad_arguments_are_refused() -> None:
         _ = ntcov.predict_step(s.logits, s.loss, optimizer).linearity
     with pytest.raises(ValueError, match="level"):
         ntcov.predict_step(s.logits, s.loss, optimizer).interval(1.5)
+
+
+# ----- prediction intervals for small batches (heavy-tailed per-example contributions) ---------
+
+
+@functools.cache
+def _fitted() -> tuple[nn.Module, Tensor, Tensor, Tensor]:
+    """A model fitted to a teacher's labels with three flipped: most examples are fitted, a few
+    are not, so the per-example contributions ``c_i`` are heavy-tailed (excess kurtosis ≈ 27)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 3)).to(DTYPE).eval()
+    x = torch.randn(80, 4, dtype=DTYPE)
+    y = (x @ torch.randn(4, 3, dtype=DTYPE)).argmax(1)
+    y[:3] = (y[:3] + 1) % 3
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.02)
+    for _ in range(150):
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    return model, x, y, torch.randn(6, 4, dtype=DTYPE)
+
+
+def heavy_tailed_changes(batch: int, draws: int) -> tuple[Tensor, ntcov.StepPrediction]:
+    """Actual changes of SGD steps on every single example (``batch=1``: the exact distribution)
+    or on ``draws`` random minibatches, from the fitted model; and the prediction."""
+    base, x, y, probe = _fitted()
+    model = copy.deepcopy(base)
+    logits = properties.logits(model, probe)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    per_example = properties.per_example_loss(model, x, y)
+    loss = properties.loss(model, x, y)
+    prediction = ntcov.predict_step(
+        logits, loss, optimizer, batch_size=batch, per_example_loss=per_example
+    )
+    generator = torch.Generator().manual_seed(1)
+    if batch == 1:
+        batches = [torch.tensor([i]) for i in range(len(x))]
+    else:
+        batches = [torch.randperm(len(x), generator=generator)[:batch] for _ in range(draws)]
+    start = copy.deepcopy(model.state_dict())
+    changes = []
+    for index in batches:
+        before = logits.value()
+        optimizer.zero_grad()
+        F.cross_entropy(model(x[index]), y[index]).backward()
+        optimizer.step()
+        changes.append(logits.value() - before)
+        model.load_state_dict(start)
+    return torch.stack(changes), prediction
+
+
+def coverage(changes: Tensor, interval: tuple[Tensor, Tensor]) -> float:
+    low, high = interval
+    return float(((changes >= low) & (changes <= high)).double().mean())
+
+
+@pytest.mark.parametrize(("batch", "draws"), [(1, 0), (8, 300)])
+def test_empirical_intervals_cover_heavy_tailed_minibatch_changes(batch: int, draws: int) -> None:
+    changes, prediction = heavy_tailed_changes(batch, draws)
+    contributions = prediction.contributions
+    assert contributions is not None and contributions.shape == (6, 3, 80)
+    assert torch.allclose(contributions.mean(-1), prediction.force, rtol=1e-9, atol=1e-14)
+    empirical = coverage(changes, prediction.interval(0.95))
+    normal = coverage(changes, prediction.interval(0.95, method="normal"))
+    assert 0.93 <= empirical <= 0.97, (empirical, normal)
+    assert abs(empirical - 0.95) <= abs(normal - 0.95) + 0.005, (empirical, normal)
+    if batch == 8:  # the normal interval is visibly too narrow here (≈ 0.91)
+        assert normal < 0.93, normal
+
+
+def test_single_example_interval_is_the_quantiles_of_the_contributions() -> None:
+    s = make_setup()
+    optimizer = torch.optim.SGD(s.model.parameters(), lr=0.1)
+    prediction = ntcov.predict_step(
+        s.logits, s.loss, optimizer, batch_size=1, per_example_loss=s.per_example_loss, order=2
+    )
+    assert prediction.contributions is not None
+    shifted = prediction.contributions + (prediction.total - prediction.force).unsqueeze(-1)
+    low, high = prediction.interval(0.9)
+    below = (shifted < low.unsqueeze(-1)).double().sum(-1)
+    above = (shifted > high.unsqueeze(-1)).double().sum(-1)
+    assert torch.all(below == round(0.05 * NUM_TRAIN)) and torch.all(above == below)
+    low99, high99 = prediction.interval(0.999)  # beyond the sample: its extremes
+    assert torch.equal(low99, shifted.min(-1).values) and torch.equal(
+        high99, shifted.max(-1).values
+    )
+
+
+def test_simulated_interval_is_seeded_and_normal_is_available() -> None:
+    s = make_setup()
+    optimizer = torch.optim.SGD(s.model.parameters(), lr=0.1)
+    prediction = ntcov.predict_step(
+        s.logits, s.loss, optimizer, batch_size=8, per_example_loss=s.per_example_loss
+    )
+    first, again = prediction.interval(seed=3), prediction.interval(seed=3)
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    assert not torch.equal(first[0], prediction.interval(seed=4)[0])
+    z = NormalDist().inv_cdf(0.975)
+    low, high = prediction.interval(method="normal")
+    assert torch.allclose(low, prediction.total - z * prediction.std)
+    assert torch.allclose(high, prediction.total + z * prediction.std)
+    with pytest.raises(ValueError, match="unknown method"):
+        prediction.interval(method="bootstrap")
+    with pytest.raises(ValueError, match="draws"):
+        prediction.interval(draws=1)
