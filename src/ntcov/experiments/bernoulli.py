@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 from ntcov import properties, report
 from ntcov.covariance import ntvar
 from ntcov.data import Split, load_digits_split
-from ntcov.experiments.demo import output_folder, torch_threads
+from ntcov.experiments.common import output_folder, torch_threads
 from ntcov.experiments.models import digits_cnn, digits_mlp
 from ntcov.property import Property
 

@@ -18,11 +18,9 @@ agreement. The run writes ``results.json``, ``summary.md`` and ``demo.png`` to i
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +33,7 @@ from tqdm.auto import tqdm
 from ntcov import properties, report
 from ntcov.covariance import rate
 from ntcov.data import Split, load_digits_split
+from ntcov.experiments.common import output_folder, torch_threads
 from ntcov.experiments.models import digits_mlp
 from ntcov.property import Property
 
@@ -106,24 +105,6 @@ def _check_int(name: str, value: Any, *, minimum: int, maximum: int | None = Non
         raise ValueError(f"DemoConfig: {name} must be >= {minimum}, got {value}.")
     if maximum is not None and value > maximum:
         raise ValueError(f"DemoConfig: {name} must be <= {maximum}, got {value}.")
-
-
-def output_folder(out: str | Path) -> Path:
-    """The folder ``out``, created if missing; a ``ValueError`` saying why when it cannot be."""
-    path = Path(out)
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"output folder {str(path)!r} exists and is not a folder.")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        reason = err.strerror or str(err)
-        raise ValueError(f"cannot create the output folder {str(path)!r}: {reason}.") from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise ValueError(f"cannot write to the output folder {str(path)!r}: permission denied.")
-    return path
-
-
-# ----- one measured step ---------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -594,17 +575,6 @@ def run_demo(
         files=files,
         wall_time_s=time.perf_counter() - started,
     )
-
-
-@contextmanager
-def torch_threads(count: int) -> Iterator[None]:
-    """Use ``count`` intra-op threads inside the block; the previous count is restored."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _train(

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from ntcov import report
 from ntcov.covariance import ntcov, ntvar
 from ntcov.envs import JuiceEnv
-from ntcov.experiments.demo import output_folder, torch_threads
+from ntcov.experiments.common import output_folder, torch_threads
 from ntcov.property import Property
 
 __all__ = [

@@ -49,17 +49,15 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from ntcov import report
+from ntcov.experiments.common import torch_threads
 from ntcov.experiments.validate_cells import (
     CellRun,
     RunState,
@@ -128,17 +126,6 @@ class ValidateResult:
 
 
 # ----- the run -------------------------------------------------------------------------------
-
-
-@contextmanager
-def torch_threads(count: int) -> Iterator[None]:
-    """Use ``count`` intra-op threads inside the block; the previous count is restored."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def run(
