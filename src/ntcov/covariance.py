@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from ntcov import _autodiff
+from ntcov._choice import as_choice
 from ntcov.params import (
     ParamDict,
     ParamSelection,
@@ -261,13 +262,7 @@ def _prepare(
 
 
 def _as_strategy(caller: str, strategy: Strategy | str) -> Strategy:
-    try:
-        return Strategy(strategy)
-    except ValueError:
-        choices = ", ".join(repr(s.value) for s in Strategy)
-        raise ValueError(
-            f"{caller}: unknown strategy {strategy!r}; choose one of {choices}."
-        ) from None
+    return as_choice(Strategy, strategy, caller, "strategy")
 
 
 def _auto(a: Property, b: Property, shapes: tuple[torch.Size, torch.Size]) -> Strategy:

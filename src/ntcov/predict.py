@@ -43,6 +43,7 @@ from torch import Tensor
 from torch.func import jvp
 
 from ntcov import _autodiff
+from ntcov._choice import as_choice
 from ntcov.covariance import ntcov
 from ntcov.metric import GradDict, optimizer_step
 from ntcov.params import ParamDict, check_mode, select_params
@@ -407,20 +408,8 @@ def _check_properties(x: Property, loss: Property, per_example_loss: Property | 
 
 
 def _as_interval_method(method: IntervalMethod | str) -> IntervalMethod:
-    try:
-        return IntervalMethod(method)
-    except ValueError:
-        choices = ", ".join(repr(m.value) for m in IntervalMethod)
-        raise ValueError(
-            f"StepPrediction.interval: unknown method {method!r}; choose one of {choices}."
-        ) from None
+    return as_choice(IntervalMethod, method, "StepPrediction.interval", "method")
 
 
 def _as_sampling(sampling: Sampling | str) -> Sampling:
-    try:
-        return Sampling(sampling)
-    except ValueError:
-        choices = ", ".join(repr(s.value) for s in Sampling)
-        raise ValueError(
-            f"predict_step: unknown sampling {sampling!r}; choose one of {choices}."
-        ) from None
+    return as_choice(Sampling, sampling, "predict_step", "sampling")
