@@ -33,3 +33,7 @@ from ntcov.metric import OptimizerStep, optimizer_step
 from ntcov.predict import Sampling, StepPrediction, predict_step
 
 __all__ += ["OptimizerStep", "Sampling", "StepPrediction", "optimizer_step", "predict_step"]
+
+from ntcov.monitor import Monitor, UpdateSource
+
+__all__ += ["Monitor", "UpdateSource"]

@@ -1,0 +1,637 @@
+"""Watch properties change during training: predicted against actual, at every optimizer step.
+
+:class:`Monitor` attaches to a live ``torch.optim`` optimizer. Before each (every ``every``-th)
+step it predicts the change of each named property ``x`` (``[*S]``, ``K`` entries) to first
+order, optimizer-aware (:mod:`ntcov.metric`):
+
+    Δx_pred = J_x Δw,      Δw = −M ⊙ g + b
+
+with ``M`` and ``b`` read from the optimizer's state and ``g`` the gradient that the user's
+backward pass left in ``p.grad`` — exactly what the optimizer is about to apply, after any
+clipping, whatever the loss. After the step it measures ``Δx = x(w_after) − x(w_before)``.
+Cost per monitored step: :func:`~ntcov.optimizer_step` (elementwise over the ``P`` weights), one
+forward-mode JVP of each property along ``Δw`` (about three forward passes of what the property
+evaluates, independent of ``K``; it also gives ``x(w_before)``), and one forward pass of each
+property after the step.
+
+``update=UpdateSource.OBSERVED`` takes ``Δw`` from the step itself instead: the weights are
+copied before the step and the JVP is taken at them along ``w_after − w_before`` after it. The
+numbers are the same (the optimizer-aware ``Δw`` matches the real step to rounding, see
+``update_error`` below), it works with any optimizer (LBFGS, Lion, Adafactor...), and it skips
+:func:`~ntcov.optimizer_step` (the cheaper choice for small models); but nothing is known before
+the step.
+
+Properties are evaluated with the model in eval mode (dropout off, BatchNorm on its running
+statistics: the network's function, not one noisy training pass); the mode of every submodule is
+restored right after. The model, its gradients and the optimizer are otherwise only read: with
+or without a monitor, training follows the same trajectory bit for bit.
+
+What is written to ``log_dir``:
+
+- ``config.json``: the properties (name, shape, dtype), the optimizer, ``every``; at the start.
+- ``steps.jsonl``: one JSON line per monitored step, written and flushed as soon as the step is
+  done (``fsync=True`` also forces it to disk), so a killed run loses at most the step in
+  progress. A line is ``{"step", "seconds", "update_error", "properties": {name: {"value",
+  "predicted", "actual"}}}``; each property's vectors are its ``K`` entries flattened in
+  row-major order (shape in ``config.json``), non-finite numbers as ``null``. ``step`` counts
+  optimizer steps from 0; ``update_error`` is ``‖Δw_pred − Δw‖ / ‖Δw‖`` against the step the
+  optimizer actually took (~1e-7 in float32 when the optimizer is modelled exactly).
+- ``tensorboard/`` (``tensorboard=True``): summary scalars per step and property under
+  ``ntcov/<name>/``: ``predicted`` and ``actual`` for a scalar property; for ``K > 1``
+  ``mean_predicted``, ``mean_actual``, ``relative_error`` (``‖pred − act‖ / ‖act‖``) and
+  ``sign_agreement``; and ``ntcov/update_error``.
+- ``report.json``, ``report.md`` and ``report.png`` when the monitor closes (:func:`write_report`
+  rebuilds them from ``steps.jsonl``, e.g. after a crash): per property R², sign agreement and
+  median relative error over all steps and entries, and plots of predicted against actual.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ntcov import _autodiff, report
+from ntcov._choice import as_choice
+from ntcov.metric import optimizer_step
+from ntcov.params import ParamDict, select_params
+from ntcov.property import Property
+
+__all__ = [
+    "Monitor",
+    "PropertySummary",
+    "UpdateSource",
+    "read_records",
+    "summarize",
+    "write_report",
+]
+
+PropertyLike = Property | Callable[[nn.Module], Tensor]
+STEPS_FILE, CONFIG_FILE = "steps.jsonl", "config.json"
+REPORT_JSON, REPORT_MD, REPORT_PNG = "report.json", "report.md", "report.png"
+TENSORBOARD_DIR = "tensorboard"
+SIGN_ROUNDING = 16  # changes below 16·eps·max|x| are rounding noise: their sign is not counted
+
+
+class UpdateSource(str, Enum):
+    """Where :class:`Monitor` takes the update ``Δw`` that it predicts along.
+
+    - ``OPTIMIZER``: ``Δw = −M ⊙ p.grad + b`` from the optimizer's state, before the step
+      (:func:`~ntcov.optimizer_step`; SGD, Adam, AdamW, RMSprop, Adagrad).
+    - ``OBSERVED``: ``Δw = w_after − w_before``, the step the optimizer took (any optimizer).
+    """
+
+    OPTIMIZER = "optimizer"
+    OBSERVED = "observed"
+
+
+@dataclass(frozen=True, eq=False)
+class _Prediction:
+    """``x(w)`` and ``J_x Δw`` per property for one step, and the update they were taken along."""
+
+    step: int
+    weights: ParamDict  # w before the step (copies)
+    delta: ParamDict  # the update Δw the prediction is taken along
+    values: dict[str, Tensor]  # x(w) per property
+    predicted: dict[str, Tensor]  # J_x Δw per property
+
+
+@dataclass(frozen=True, eq=False)
+class _Snapshot:
+    """The weights before a step, for :attr:`UpdateSource.OBSERVED`."""
+
+    step: int
+    weights: ParamDict
+
+
+class Monitor:
+    """Record predicted and actual changes of ``properties`` at every ``every``-th optimizer step.
+
+    ``properties`` maps names to :class:`~ntcov.Property` objects of ``model`` or to callables
+    ``fn(model) -> Tensor`` (wrapped as ``Property(model, fn)``). ``optimizer`` is the
+    ``torch.optim`` optimizer that trains ``model`` (SGD, Adam, AdamW, RMSprop or Adagrad; see
+    :func:`~ntcov.optimizer_step`). Use it as a context manager around a plain training loop::
+
+        with ntcov.Monitor(model, {"p": p}, optimizer=opt, log_dir="runs/ntcov"):
+            for x, y in loader:
+                opt.zero_grad(); loss_fn(model(x), y).backward(); opt.step()
+
+    Inside the block, step hooks on the optimizer call :meth:`before_step` and :meth:`after_step`
+    (a closure passed to ``step`` is wrapped so that the prediction sees the gradients it
+    computes); they are removed on exit, also when the block raises. With ``hooks=False``, call
+    :meth:`before_step` and :meth:`after_step` yourself around ``optimizer.step()`` (what the
+    Hugging Face callback does). See the module docstring for the files written to ``log_dir``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        properties: Mapping[str, PropertyLike],
+        *,
+        optimizer: torch.optim.Optimizer,
+        log_dir: str | Path,
+        every: int = 1,
+        update: UpdateSource | str = UpdateSource.OPTIMIZER,
+        tensorboard: bool = False,
+        fsync: bool = False,
+        hooks: bool = True,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"Monitor: model must be a torch.nn.Module, got {type(model).__name__}."
+            )
+        if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+            raise ValueError(f"Monitor: every must be a positive int, got {every!r}.")
+        self.model, self.optimizer, self.every = model, optimizer, every
+        self.properties = _as_properties(model, properties)
+        self.update = as_choice(UpdateSource, update, "Monitor", "update")
+        if self.update is UpdateSource.OPTIMIZER:  # refuse unsupported optimizers, foreign weights
+            optimizer_step(optimizer, model, {})
+        self.log_dir = Path(log_dir)
+        self._tensorboard, self._fsync, self._hooks = tensorboard, fsync, hooks
+        self._file: IO[str] | None = None
+        self._board: Any = None
+        self._handles: list[Any] = []
+        self._pending: _Prediction | _Snapshot | None = None
+        self._step, self._recorded, self._start = 0, 0, 0.0
+
+    @property
+    def steps_recorded(self) -> int:
+        """How many steps have been written to ``steps.jsonl``."""
+        return self._recorded
+
+    def __enter__(self) -> Monitor:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def start(self) -> None:
+        """Write ``config.json``, open ``steps.jsonl`` (truncated) and attach the step hooks."""
+        if self._file is not None:
+            raise RuntimeError("Monitor.start: the monitor is already running.")
+        folder = _output_folder(self.log_dir)
+        report.write_json(folder / CONFIG_FILE, {}, config=self._config(), seed=0)
+        self._file = open(folder / STEPS_FILE, "w", encoding="utf-8")  # noqa: SIM115
+        try:
+            self._board = _summary_writer(folder / TENSORBOARD_DIR) if self._tensorboard else None
+            if self._hooks:
+                self._handles = [
+                    self.optimizer.register_step_pre_hook(self._pre_hook),
+                    self.optimizer.register_step_post_hook(self._post_hook),
+                ]
+        except BaseException:
+            self._detach()
+            raise
+        self._step, self._recorded, self._pending = 0, 0, None
+        self._start = time.perf_counter()
+
+    def close(self) -> Path | None:
+        """Remove the hooks, close the files and write the report; its path (``None`` when the
+        monitor was not running)."""
+        if self._file is None:
+            return None
+        self._detach()
+        return write_report(self.log_dir)
+
+    def before_step(self) -> None:
+        """Predict the coming step's changes from ``p.grad`` and the optimizer's state
+        (``UpdateSource.OBSERVED``: copy the weights)."""
+        self._pending = None
+        if self._step % self.every != 0:
+            return
+        if self.update is UpdateSource.OBSERVED:
+            self._pending = _Snapshot(self._step, select_params(self.model))
+            return
+        with _evaluation(self.model):
+            self._pending = _predict(self.properties, self.model, self.optimizer, self._step)
+
+    def after_step(self) -> None:
+        """Measure the step's actual changes and write the step's record."""
+        pending, self._pending = self._pending, None
+        self._step += 1
+        if pending is None:
+            return
+        if self._file is None:
+            raise RuntimeError("Monitor.after_step: the monitor is not running; call start().")
+        error: float | None = None
+        with _evaluation(self.model):
+            if isinstance(pending, _Snapshot):
+                pending = _along_observed(self.properties, self.model, pending)
+            else:
+                error = _update_error(self.model, pending.weights, pending.delta)
+            after = {name: prop.value() for name, prop in self.properties.items()}
+        record = _record(pending, after, error, time.perf_counter() - self._start)
+        _write_line(self._file, record, fsync=self._fsync)
+        if self._board is not None:
+            _log_scalars(self._board, record)
+        self._recorded += 1
+
+    def _pre_hook(
+        self, optimizer: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+        """Predict now, or, when ``step`` gets a closure (which runs the backward pass, as in
+        Lightning), right after the closure has run."""
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+        if closure is None:
+            self.before_step()
+            return None
+
+        def closure_then_predict() -> Any:
+            result = closure()
+            self.before_step()
+            return result
+
+        if "closure" in kwargs:
+            return args, {**kwargs, "closure": closure_then_predict}
+        return (args[0], closure_then_predict, *args[2:]), kwargs
+
+    def _post_hook(
+        self, optimizer: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        self.after_step()
+
+    def _detach(self) -> None:
+        """Remove the hooks and close the files (safe to call twice)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles, self._pending = [], None
+        try:
+            if self._board is not None:
+                self._board.close()
+        finally:
+            self._board = None
+            if self._file is not None:
+                self._file.close()
+            self._file = None
+
+    def _config(self) -> dict[str, Any]:
+        return {
+            "properties": {
+                name: {"shape": list(value.shape), "dtype": str(value.dtype).replace("torch.", "")}
+                for name, value in _values(self.properties, self.model).items()
+            },
+            "optimizer": type(self.optimizer).__qualname__,
+            "update": self.update.value,
+            "model": type(self.model).__qualname__,
+            "every": self.every,
+        }
+
+
+# ----- computing a step ----------------------------------------------------------------------
+
+
+def _as_properties(model: nn.Module, properties: Mapping[str, PropertyLike]) -> dict[str, Property]:
+    """Validate ``properties``; callables become ``Property(model, fn, name=name)``."""
+    if not isinstance(properties, Mapping) or not properties:
+        raise ValueError(
+            "Monitor: properties must be a non-empty dict {name: ntcov.Property or fn(model) -> "
+            f"Tensor}}, got {type(properties).__name__} {properties!r:.60}."
+        )
+    result = {}
+    for name, prop in properties.items():
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"Monitor: property names must be non-empty strings, got {name!r}.")
+        if isinstance(prop, Property):
+            if prop.module is not model:
+                raise ValueError(
+                    f"Monitor: property {name!r} is a property of a different module than the "
+                    f"monitored {type(model).__name__}; build it from the model the optimizer "
+                    "trains."
+                )
+            result[name] = prop
+        elif callable(prop):
+            result[name] = Property(model, prop, name=name)
+        else:
+            raise TypeError(
+                f"Monitor: property {name!r} must be an ntcov.Property or a callable fn(model) -> "
+                f"Tensor, got {type(prop).__name__}."
+            )
+    return result
+
+
+def _values(properties: Mapping[str, Property], model: nn.Module) -> dict[str, Tensor]:
+    with _evaluation(model):
+        return {name: prop.value() for name, prop in properties.items()}
+
+
+def _predict(
+    properties: Mapping[str, Property],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+) -> _Prediction:
+    """``x(w)`` and ``J_x Δw`` for every property, ``Δw = −M ⊙ p.grad + b`` (one JVP each)."""
+    weights = select_params(model)
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    full = optimizer_step(optimizer, model, grads).delta(grads)
+    delta = {name: full[name] for name in weights}
+    return _Prediction(step, weights, delta, *_directional(properties, weights, delta))
+
+
+def _along_observed(
+    properties: Mapping[str, Property], model: nn.Module, snapshot: _Snapshot
+) -> _Prediction:
+    """``x(w_before)`` and ``J_x (w_after − w_before)``, taken after the step."""
+    delta = _observed_update(model, snapshot.weights)
+    values, predicted = _directional(properties, snapshot.weights, delta)
+    return _Prediction(snapshot.step, snapshot.weights, delta, values, predicted)
+
+
+def _directional(
+    properties: Mapping[str, Property], weights: ParamDict, delta: ParamDict
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """``x(w)`` and ``J_x Δw`` per property: one forward-mode JVP each."""
+    values, predicted = {}, {}
+    with _autodiff.one_warning_per_cause():
+        for name, prop in properties.items():
+            values[name], predicted[name] = _autodiff.directional(
+                prop, weights, delta, force_reverse=False
+            )
+    return values, predicted
+
+
+def _observed_update(model: nn.Module, before: ParamDict) -> ParamDict:
+    """``w_after − w_before`` for the weights in ``before``."""
+    params = dict(model.named_parameters())
+    names = list(before)
+    with torch.no_grad():
+        after = [params[name].detach() for name in names]
+        steps = torch._foreach_sub(after, [before[name] for name in names])
+    return dict(zip(names, steps, strict=True))
+
+
+def _update_error(model: nn.Module, before: ParamDict, delta: ParamDict) -> float:
+    """``‖Δw_pred − Δw‖ / ‖Δw‖`` over the monitored weights (0 when both are zero)."""
+    actual = _observed_update(model, before)
+    names = list(actual)
+    with torch.no_grad():
+        residual = torch._foreach_sub([delta[n] for n in names], [actual[n] for n in names])
+        norms = torch._foreach_norm(residual) + torch._foreach_norm(list(actual.values()))
+        squares = torch.stack(norms).double().square()
+    residual_sq, scale_sq = float(squares[: len(names)].sum()), float(squares[len(names) :].sum())
+    if scale_sq == 0.0:
+        return 0.0 if residual_sq == 0.0 else math.inf
+    return math.sqrt(residual_sq / scale_sq)
+
+
+@contextmanager
+def _evaluation(model: nn.Module) -> Iterator[None]:
+    """The model in eval mode inside the block; every submodule's mode restored after it."""
+    modes = [(module, module.training) for module in model.modules()]
+    if not any(training for _, training in modes):
+        yield
+        return
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+# ----- writing records -----------------------------------------------------------------------
+
+
+def _record(
+    prediction: _Prediction,
+    after: Mapping[str, Tensor],
+    update_error: float | None,
+    seconds: float,
+) -> dict[str, Any]:
+    entries = {}
+    for name, before in prediction.values.items():
+        entries[name] = {
+            "value": _floats(before),
+            "predicted": _floats(prediction.predicted[name]),
+            "actual": _floats(after[name] - before),
+        }
+    return {
+        "step": prediction.step,
+        "seconds": round(seconds, 6),
+        "update_error": update_error
+        if update_error is None or math.isfinite(update_error)
+        else None,
+        "properties": entries,
+    }
+
+
+def _floats(values: Tensor) -> list[float | None]:
+    """The entries of ``values`` flattened (row-major), non-finite ones as ``None``."""
+    flat = values.detach().reshape(-1).cpu().double()
+    if bool(torch.isfinite(flat).all()):
+        return flat.tolist()
+    return [v if math.isfinite(v) else None for v in flat.tolist()]
+
+
+def _write_line(file: IO[str], record: Mapping[str, Any], *, fsync: bool) -> None:
+    """Append one JSON line and push it to the OS (and to the disk with ``fsync``)."""
+    file.write(json.dumps(record, allow_nan=False) + "\n")
+    file.flush()
+    if fsync:
+        os.fsync(file.fileno())
+
+
+def _summary_writer(folder: Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as err:
+        raise ImportError(
+            "Monitor(tensorboard=True) needs tensorboard; install it with: "
+            "pip install 'ntcov[tensorboard]'"
+        ) from err
+    return SummaryWriter(log_dir=str(folder))
+
+
+def _log_scalars(board: Any, record: Mapping[str, Any]) -> None:
+    """Summary scalars of one record (see the module docstring for the tags)."""
+    step = record["step"]
+    if record["update_error"] is not None:
+        board.add_scalar("ntcov/update_error", record["update_error"], step)
+    for name, entry in record["properties"].items():
+        pred, act = _array(entry["predicted"]), _array(entry["actual"])
+        if pred.size == 1:
+            board.add_scalar(f"ntcov/{name}/predicted", float(pred[0]), step)
+            board.add_scalar(f"ntcov/{name}/actual", float(act[0]), step)
+            continue
+        board.add_scalar(f"ntcov/{name}/mean_predicted", float(np.mean(pred)), step)
+        board.add_scalar(f"ntcov/{name}/mean_actual", float(np.mean(act)), step)
+        board.add_scalar(f"ntcov/{name}/relative_error", report.relative_error(pred, act), step)
+        board.add_scalar(f"ntcov/{name}/sign_agreement", report.sign_agreement(pred, act), step)
+
+
+def _array(values: list[float | None]) -> np.ndarray:
+    return np.array([math.nan if v is None else v for v in values], dtype=np.float64)
+
+
+def _output_folder(folder: Path) -> Path:
+    """``folder``, created if missing; a ``ValueError`` saying why when it cannot be."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        reason = err.strerror or str(err)
+        raise ValueError(f"Monitor: cannot create log_dir {str(folder)!r}: {reason}.") from None
+    return folder
+
+
+# ----- reading records and reporting ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PropertySummary:
+    """How well one property's changes were predicted, over all recorded steps and entries.
+
+    - ``r_squared``: ``1 − Σ(pred − act)² / Σ(act − mean act)²`` over all (step, entry) pairs.
+    - ``sign_agreement``: fraction of pairs with ``sign(pred) = sign(act)``, counting only
+      changes above the rounding floor ``16·eps·max|x|``.
+    - ``median_relative_error``: median of ``|pred − act| / |act|`` over the same pairs.
+    - ``median_step_relative_error``: median over steps of ``‖pred − act‖ / ‖act‖``.
+    """
+
+    steps: int
+    entries: int
+    r_squared: float
+    sign_agreement: float
+    median_relative_error: float
+    median_step_relative_error: float
+
+
+def read_records(log_dir: str | Path) -> list[dict[str, Any]]:
+    """The records of ``log_dir/steps.jsonl``, in order. A last line cut short by a crash in the
+    middle of a write is skipped; any other line that does not parse raises ``ValueError``."""
+    path = Path(log_dir) / STEPS_FILE
+    if not path.is_file():
+        raise ValueError(f"read_records: {str(path)!r} does not exist; is it a Monitor log_dir?")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if number == len(lines):
+                break
+            raise ValueError(f"read_records: line {number} of {str(path)!r} is not JSON.") from err
+    return records
+
+
+def summarize(
+    records: list[dict[str, Any]], config: Mapping[str, Any]
+) -> dict[str, PropertySummary]:
+    """:class:`PropertySummary` per property of ``config["properties"]`` over ``records``."""
+    result = {}
+    for name, info in config["properties"].items():
+        pred, act, value = (
+            _stacked(records, name, key) for key in ("predicted", "actual", "value")
+        )
+        result[name] = _summary(pred, act, value, np.finfo(info["dtype"]).eps)
+    return result
+
+
+def _stacked(records: list[dict[str, Any]], name: str, key: str) -> np.ndarray:
+    """``[steps, K]`` float64 (``nan`` for ``null``)."""
+    rows = [_array(r["properties"][name][key]) for r in records]
+    return np.stack(rows) if rows else np.zeros((0, 0))
+
+
+def _summary(pred: np.ndarray, act: np.ndarray, value: np.ndarray, eps: float) -> PropertySummary:
+    finite = np.isfinite(pred) & np.isfinite(act)
+    scale = float(np.nanmax(np.abs(value))) if np.isfinite(value).any() else 0.0
+    counted = finite & (np.abs(act) > SIGN_ROUNDING * eps * scale)
+    ratio = np.abs(pred[counted] - act[counted]) / np.abs(act[counted])
+    per_step = [
+        report.relative_error(p[f], a[f])
+        for p, a, f in zip(pred, act, finite, strict=True)
+        if np.any(a[f] != 0)
+    ]
+    return PropertySummary(
+        steps=int(pred.shape[0]),
+        entries=int(pred.shape[1]) if pred.ndim == 2 else 0,
+        r_squared=report.r_squared(pred[finite], act[finite]) if finite.any() else math.nan,
+        sign_agreement=report.sign_agreement(pred[counted], act[counted]),
+        median_relative_error=float(np.median(ratio)) if ratio.size else math.nan,
+        median_step_relative_error=float(np.median(per_step)) if per_step else math.nan,
+    )
+
+
+def write_report(log_dir: str | Path) -> Path:
+    """Write ``report.json``, ``report.md`` and (with matplotlib) ``report.png`` from
+    ``log_dir/config.json`` and ``steps.jsonl``; returns the path of ``report.md``."""
+    folder = Path(log_dir)
+    config_path = folder / CONFIG_FILE
+    if not config_path.is_file():
+        raise ValueError(f"write_report: {str(config_path)!r} does not exist.")
+    config = json.loads(config_path.read_text(encoding="utf-8"))["config"]
+    records = read_records(folder)
+    summaries = summarize(records, config)
+    errors = [r["update_error"] for r in records if r["update_error"] is not None]
+    results = {
+        "steps": len(records),
+        "max_update_error": max(errors) if errors else None,
+        "properties": summaries,
+    }
+    report.write_json(folder / REPORT_JSON, results, config=config, seed=0)
+    plotted = report.plot_available() and bool(records)
+    if plotted:
+        _plot(records, list(summaries), folder / REPORT_PNG)
+    path = folder / REPORT_MD
+    path.write_text(_markdown(summaries, len(records), errors, plotted), encoding="utf-8")
+    return path
+
+
+def _markdown(
+    summaries: Mapping[str, PropertySummary], steps: int, errors: list[float], plotted: bool
+) -> str:
+    headers = ["property", "entries", "R²", "sign agreement", "median rel. error", "median step"]
+    rows: list[list[report.Cell]] = [
+        [
+            name,
+            s.entries,
+            s.r_squared,
+            s.sign_agreement,
+            s.median_relative_error,
+            s.median_step_relative_error,
+        ]
+        for name, s in summaries.items()
+    ]
+    lines = [
+        "# ntcov monitor: predicted against actual change per optimizer step",
+        "",
+        f"{steps} steps recorded; largest update error ‖Δw_pred − Δw‖/‖Δw‖: "
+        + (f"{max(errors):.3g}" if errors else "-"),
+        "",
+        report.format_markdown_table(headers, rows),
+    ]
+    if plotted:
+        lines += ["", f"![predicted against actual]({REPORT_PNG})"]
+    return "\n".join(lines) + "\n"
+
+
+def _plot(records: list[dict[str, Any]], names: list[str], path: Path) -> None:
+    """Per property: predicted against actual (every step and entry), and the mean change over
+    the steps (solid: actual, dashed: predicted)."""
+    fig, axes = report.new_figure(len(names), 2, size=(10.0, 3.6 * len(names)))
+    steps = [r["step"] for r in records]
+    for row, name in enumerate(names):
+        pred, act = _stacked(records, name, "predicted"), _stacked(records, name, "actual")
+        report.scatter_predicted_actual(axes[row, 0], pred, act, size=6.0)
+        report.add_identity_line(axes[row, 0])
+        axes[row, 0].set_title(f"{name}: every step and entry")
+        report.plot_series_pair(
+            axes[row, 1], steps, np.nanmean(act, 1), np.nanmean(pred, 1), label="mean change"
+        )
+        axes[row, 1].set_xlabel("optimizer step")
+        axes[row, 1].set_title(f"{name}: mean over its {pred.shape[1]} entries")
+        axes[row, 1].legend(fontsize=8)
+    report.save_figure(fig, path)
