@@ -129,6 +129,11 @@ def add_validate(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--steps", type=positive_int, default=None, help="steps of every cell (default: per mode)"
     )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="skip the cells an earlier run in --out finished with the same settings",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.set_defaults(handler=run_validate, parser=parser)
 
@@ -144,7 +149,7 @@ def run_validate(args: argparse.Namespace) -> int:
         out = demo.output_folder(args.out)
     except ValueError as err:
         args.parser.error(str(err))
-    result = validate.run(config, out, progress=not args.no_progress)
+    result = validate.run(config, out, progress=not args.no_progress, resume=args.resume)
     return EXIT_INTERRUPTED if result.interrupted else 0
 
 
@@ -172,11 +177,29 @@ def add_experiment(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(parser=parser)
 
 
+# ----- ntcov attribute ------------------------------------------------------------------------
+
+
+def add_attribute(subparsers: argparse._SubParsersAction) -> None:
+    from ntcov.experiments import attribute
+
+    parser = subparsers.add_parser(
+        "attribute",
+        help=attribute.HELP,
+        description=attribute.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    attribute.add_arguments(parser)
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.set_defaults(handler=attribute.run_from_args, parser=parser)
+
+
 # ----- the parser ----------------------------------------------------------------------------
 
 COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     add_demo,
     add_validate,
+    add_attribute,
     add_experiment,
 )
 
@@ -208,6 +231,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ntcov: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except OSError as err:  # an output file that cannot be written (disk full, a folder there)
+        print(f"ntcov: error: {_os_error_text(err)}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+EXIT_USAGE = 2  # argparse's status for bad arguments, also used for unwritable outputs
+
+
+def _os_error_text(err: OSError) -> str:
+    """One line: why, and on which file (a rename's destination)."""
+    reason = err.strerror or str(err) or type(err).__name__
+    target = err.filename2 or err.filename
+    return f"{reason}: {str(target)!r}" if target else reason
 
 
 if __name__ == "__main__":
