@@ -13,19 +13,44 @@ import ntcov
 from ntcov import distributed as dd
 from ntcov.data import load_digits_split
 from ntcov.experiments.models import digits_mlp
+from ntcov.monitor import read_records
 
 HERE = Path(__file__).parent
 
 
-def _launch(tmp_path: Path, processes: int) -> dict[str, torch.Tensor]:
-    out = tmp_path / f"results_{processes}.pt"
+def _run_worker(out: Path, processes: int, *extra: str) -> None:
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone",
         f"--nproc_per_node={processes}", str(HERE / "distributed_worker.py"), "--out", str(out),
+        *extra,
     ]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-4000:]
+
+
+def _launch(tmp_path: Path, processes: int) -> dict[str, torch.Tensor]:
+    out = tmp_path / f"results_{processes}.pt"
+    _run_worker(out, processes)
     return torch.load(out)
+
+
+def test_monitor_under_ddp_uses_the_reduced_gradient_and_rank_0_writes(tmp_path: Path) -> None:
+    _run_worker(tmp_path / "ddp", 2, "--ddp-monitor")
+    sys.path.insert(0, str(HERE))
+    try:
+        from distributed_worker import train_monitored
+    finally:
+        sys.path.remove(str(HERE))
+    train_monitored(str(tmp_path / "one"))  # one process, the whole batch
+    assert not (tmp_path / "ddp" / "rank1").exists()
+    sharded = read_records(tmp_path / "ddp" / "rank0")
+    single = read_records(tmp_path / "one" / "rank0")
+    assert [r["step"] for r in sharded] == [0, 1, 2, 3]
+    for a, b in zip(sharded, single, strict=True):
+        for key in ("predicted", "actual"):
+            got = torch.tensor(a["properties"]["p"][key], dtype=torch.float64)
+            want = torch.tensor(b["properties"]["p"][key], dtype=torch.float64)
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-13)
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +66,7 @@ def single() -> dict[str, torch.Tensor]:
 def test_two_processes_equal_one(tmp_path: Path, single: dict[str, torch.Tensor]) -> None:
     sharded = _launch(tmp_path, 2)
     assert int(sharded["world_size"]) == 2
-    for key in ("gradient", "rate", "examples", "gram"):
+    for key in ("gradient", "rate", "examples", "gram", "attribute", "layers"):
         assert sharded[key].shape == single[key].shape, key
         torch.testing.assert_close(sharded[key], single[key], rtol=1e-10, atol=1e-14, msg=key)
 
@@ -61,7 +86,10 @@ def test_single_process_results_match_ntcov(single: dict[str, torch.Tensor]) -> 
         "rate": ntcov.rate(probs, losses.mean(), strategy="loop"),
         "examples": ntcov.ntcov(probs, losses, strategy="loop"),
         "gram": ntcov.ntcov(*[ntcov.properties.probs(model, x, y)] * 2, strategy="vjp"),
+        "attribute": ntcov.attribute(probs, losses).values,
+        "layers": ntcov.attribute(probs, losses, by="layer").values,
     }
+    torch.testing.assert_close(single["attribute"].sum(-1), expected["rate"], rtol=1e-10, atol=0)
     for key, value in expected.items():
         torch.testing.assert_close(single[key], value, rtol=1e-10, atol=1e-14, msg=key)
 

@@ -14,6 +14,9 @@ computes its part, and only results travel:
 - ``gram``: ``ntcov(p, p)`` for a per-example property ``p`` whose inputs are sharded — the
   *inputs* are gathered (data, not gradients), each rank computes its block of rows, the row
   blocks are gathered.
+- ``attribute``: :func:`ntcov.attribute` over a sharded training set — per example, each rank
+  its ``[*S, N_r]`` columns (weights ``1/N`` of the whole set), gathered; per layer, each rank
+  the split of its shard's share of the rate, summed.
 
 No per-example gradient ever leaves a rank. Launch with ``torchrun --nproc_per_node R ...`` and
 call :func:`init` (gloo on CPU, NCCL when the model is on a GPU). Without an initialised process
@@ -30,12 +33,17 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ntcov import _autodiff
+from ntcov._choice import as_choice
+from ntcov.attribution import By, Contributions
+from ntcov.attribution import attribute as _attribute
 from ntcov.covariance import DEFAULT_MEMORY_BUDGET, Strategy, ntcov
 from ntcov.params import ParamDict, ParamSelection, select_params
 from ntcov.property import Property
 
 __all__ = [
     "all_gather_examples",
+    "all_reduce_sum",
+    "attribute",
     "full_gradient",
     "gram",
     "init",
@@ -230,6 +238,45 @@ def gram(
         p_shard, whole, params=params, strategy=strategy, memory_budget=memory_budget, metric=metric
     )
     return all_gather_examples(rows, dim=0)
+
+
+def attribute(
+    x: Property,
+    shard_loss: Property,
+    num_examples: int,
+    *,
+    by: By | str = By.EXAMPLE,
+    metric: ParamDict | None = None,
+    params: ParamSelection = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+) -> Contributions:
+    """:func:`ntcov.attribute` of ``x`` over the mean loss of a dataset sharded across ranks.
+
+    ``shard_loss`` is this rank's per-example loss ``[N_r]`` (shards taken with :func:`shard`,
+    so that gathering in rank order restores the example order); ``num_examples`` is ``N``.
+    ``by="example"``: ``[*S, N]`` parts ``c_i = −(1/N) ntcov_M(x, ℓ_i)``, labelled by global
+    example index. ``by="layer"``: each rank splits its shard's share of the rate by layer and
+    the splits are summed. Every rank gets the whole result.
+    """
+    chosen = as_choice(By, by, "distributed.attribute", "by")
+    if chosen is By.GROUP:
+        raise ValueError(
+            "distributed.attribute: by='group' is not sharded; use by='example' and sum the "
+            "gathered parts over each group (exact: the parts add up)."
+        )
+    _check_count("distributed.attribute", num_examples)
+    local_count = shard_loss.shape[0] if shard_loss.shape else 0
+    first = next(iter(select_params(x.module, params).values()))
+    weights = torch.full((local_count,), 1.0 / num_examples, dtype=first.dtype, device=first.device)
+    local = _attribute(
+        x, shard_loss, by=chosen, metric=metric, weights=weights, params=params,
+        memory_budget=memory_budget,
+    )  # fmt: skip
+    if chosen is By.EXAMPLE:
+        values = all_gather_examples(local.values, dim=local.values.dim() - 1)
+        return Contributions(values, tuple(range(values.shape[-1])), chosen)
+    (values,) = all_reduce_sum([local.values])
+    return Contributions(values, local.labels, chosen)
 
 
 def _check_count(caller: str, num_examples: int) -> None:

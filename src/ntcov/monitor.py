@@ -62,7 +62,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ntcov import _autodiff, report
+from ntcov import _autodiff, distributed, report
 from ntcov._choice import as_choice
 from ntcov.metric import optimizer_step
 from ntcov.params import ParamDict, select_params
@@ -151,9 +151,17 @@ class Monitor:
             raise TypeError(
                 f"Monitor: model must be a torch.nn.Module, got {type(model).__name__}."
             )
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            raise ValueError(
+                f"Monitor: model is wrapped in {type(model).__name__}; pass the wrapped module "
+                "(model.module): the monitor evaluates properties outside the wrapper, and the "
+                "gradients it reads are the all-reduced ones the wrapper leaves in p.grad."
+            )
         if not isinstance(every, int) or isinstance(every, bool) or every < 1:
             raise ValueError(f"Monitor: every must be a positive int, got {every!r}.")
         self.model, self.optimizer, self.every = model, optimizer, every
+        # under torch.distributed only rank 0 predicts and writes; the others stay idle
+        self.writes = distributed.rank() == 0
         self.properties = _as_properties(model, properties)
         self.update = as_choice(UpdateSource, update, "Monitor", "update")
         if self.update is UpdateSource.OPTIMIZER:  # refuse unsupported optimizers, foreign weights
@@ -182,6 +190,8 @@ class Monitor:
         """Write ``config.json``, open ``steps.jsonl`` (truncated) and attach the step hooks."""
         if self._file is not None:
             raise RuntimeError("Monitor.start: the monitor is already running.")
+        if not self.writes:
+            return
         folder = _output_folder(self.log_dir)
         report.write_json(folder / CONFIG_FILE, {}, config=self._config(), seed=0)
         self._file = open(folder / STEPS_FILE, "w", encoding="utf-8")  # noqa: SIM115
@@ -210,7 +220,7 @@ class Monitor:
         """Predict the coming step's changes from ``p.grad`` and the optimizer's state
         (``UpdateSource.OBSERVED``: copy the weights)."""
         self._pending = None
-        if self._step % self.every != 0:
+        if not self.writes or self._step % self.every != 0:
             return
         if self.update is UpdateSource.OBSERVED:
             self._pending = _Snapshot(self._step, select_params(self.model))
