@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import torch
 
 import ntcov
 from ntcov import distributed as dd
+from ntcov.cli import main
 from ntcov.data import load_digits_split
 from ntcov.experiments.models import digits_mlp
 from ntcov.monitor import read_records
@@ -109,3 +111,21 @@ def test_bad_arguments_are_named() -> None:
         dd.shard_slice(5, rank_=2, size=2)
     with pytest.raises(ValueError, match="first"):
         dd.shard(torch.zeros(3), torch.zeros(4))
+
+
+def test_torchrun_module_kernel_equals_one_process(tmp_path: Path) -> None:
+    options = ["--train", "60", "--gram", "16", "--held-out", "4", "--steps", "2"]
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        "-m", "ntcov", "kernel", "--out", str(tmp_path / "two"), *options,
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "2 process(es)" in done.stdout
+    assert main(["kernel", "--out", str(tmp_path / "one"), *options]) == 0
+    two, one = (torch.load(tmp_path / name / "kernel.pt") for name in ("two", "one"))
+    assert one["influence"].shape == (4, 60) and one["gram"].shape == (16, 16)
+    for key in ("influence", "gram"):
+        torch.testing.assert_close(two[key], one[key], rtol=1e-10, atol=1e-15, msg=key)
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["world_size"] == 2

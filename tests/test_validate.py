@@ -48,7 +48,7 @@ def _predictors(result: validate.ValidateResult, name: str) -> dict[str, Any]:
 
 def test_quick_run_writes_report_results_changes_and_figures(quick_run: Any) -> None:
     result, out = quick_run
-    expected = {"results.json", "changes.npz", "report.md", *validate.FIGURES}
+    expected = {"results.json", "changes.npz", "report.md", "cells", *validate.FIGURES}
     assert {p.name for p in out.iterdir()} == expected
     for figure in validate.FIGURES:
         assert (out / figure).read_bytes()[:8] == PNG
@@ -328,8 +328,10 @@ def test_spearman() -> None:
 def test_validate_command_maps_its_options(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     seen: dict[str, Any] = {}
 
-    def fake_run(config: ValidateConfig, out: Path, *, progress: bool) -> validate.ValidateResult:
-        seen.update(config=config, out=out, progress=progress)
+    def fake_run(
+        config: ValidateConfig, out: Path, *, progress: bool, resume: bool
+    ) -> validate.ValidateResult:
+        seen.update(config=config, out=out, progress=progress, resume=resume)
         return validate.ValidateResult(config, "complete", [], [], {}, 0.0)
 
     monkeypatch.setattr(validate, "run", fake_run)
@@ -337,9 +339,9 @@ def test_validate_command_maps_its_options(tmp_path: Path, monkeypatch: pytest.M
     argv = ["validate", "--quick", "--out", str(out), "--seed", "3", "--steps", "4"]
     assert cli.main([*argv, "--no-progress"]) == 0
     assert seen["config"] == ValidateConfig.quick(seed=3).with_steps(4)
-    assert seen["out"] == out and seen["progress"] is False
-    assert cli.main(["validate", "--out", str(out)]) == 0
-    assert seen["config"] == ValidateConfig() and seen["progress"] is True
+    assert seen["out"] == out and seen["progress"] is False and seen["resume"] is False
+    assert cli.main(["validate", "--out", str(out), "--resume"]) == 0
+    assert seen["config"] == ValidateConfig() and seen["progress"] is True and seen["resume"]
 
 
 @pytest.mark.parametrize(

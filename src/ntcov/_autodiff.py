@@ -84,6 +84,11 @@ def refuse_inference_mode(caller: str) -> None:
 def check_output(prop: Property, out: Tensor) -> None:
     """Refuse outputs that are not floating tensors."""
     check_is_tensor(prop, out)
+    if out.is_complex():
+        raise TypeError(
+            f"property {prop.name!r} returned a {out.dtype} tensor of shape {list(out.shape)}; "
+            "ntcov needs a real output: return its real and imaginary parts, or .abs()."
+        )
     if not out.is_floating_point():
         raise TypeError(
             f"property {prop.name!r} returned a {out.dtype} tensor of shape {list(out.shape)}; "
@@ -248,11 +253,22 @@ def _directional_double_vjp(
         inner = torch.stack([(g * t).sum() for g, t in pairs]).sum()
     jv = None
     if inner.requires_grad:
-        (jv,) = torch.autograd.grad(inner, probe, allow_unused=True)
+        try:
+            (jv,) = torch.autograd.grad(inner, probe, allow_unused=True)
+        except (RuntimeError, NotImplementedError) as err:
+            raise _not_twice_differentiable(prop, err) from err
     result = torch.zeros_like(out) if jv is None else jv.detach()
     scale = torch.stack([(g * t).abs().sum() for g, t in pairs]).sum() + result.abs().sum()
     _check_linear(prop, inner.detach(), result, scale.detach())
     return out.detach(), result
+
+
+def _not_twice_differentiable(prop: Property, err: Exception) -> RuntimeError:
+    return RuntimeError(
+        f"double-VJP: the backward pass of property {prop.name!r} is not differentiable "
+        f"({_first_line(err)}), so J v cannot be computed by reverse-over-reverse. Use "
+        "strategy='jvp' (forward mode) or strategy='vjp' (rows by backward passes) instead."
+    )
 
 
 def _check_linear(prop: Property, inner: Tensor, jv: Tensor, scale: Tensor) -> None:
@@ -273,10 +289,23 @@ def _warn_fallback(prop: Property, err: Exception) -> None:
     _warn(
         "forward-mode",
         prop,
-        f"forward-mode AD is not available for property {prop.name!r} ({_first_line(err)}); "
-        "using the exact double-VJP fallback instead (same numbers, about one extra backward "
-        "pass).",
+        f"forward-mode AD is not available for property {prop.name!r} ("
+        f"{_custom_function(err)}{_first_line(err)}); using the exact double-VJP fallback "
+        "instead (same numbers, about one extra backward pass).",
     )
+
+
+def _custom_function(err: Exception) -> str:
+    """``"in MyFunction: "`` when ``err`` was raised inside a custom ``autograd.Function`` (its
+    ``apply`` frame holds the class), else ``""``: torch's message does not name it."""
+    tb = err.__traceback__
+    found = ""
+    while tb is not None:
+        owner = tb.tb_frame.f_locals.get("cls") if tb.tb_frame.f_code.co_name == "apply" else None
+        if isinstance(owner, type) and issubclass(owner, torch.autograd.Function):
+            found = f"in {owner.__name__}: "
+        tb = tb.tb_next
+    return found
 
 
 def _first_line(err: Exception) -> str:
@@ -399,7 +428,7 @@ def _per_example_jacobian(prop: Property, pe: PerExample) -> Callable[..., tuple
     module = prop.module
 
     def single(p: ParamDict, *xs: Tensor) -> tuple[Tensor, Tensor]:
-        out = _call(module, p, pe.fn, *(x.unsqueeze(0) for x in xs)).squeeze(0)
+        out = _call(module, p, pe.fn, *(x.unsqueeze(0) for x in xs), name=str(prop.name)).squeeze(0)
         return out, out
 
     return vmap(jacrev(single, has_aux=True), in_dims=(None, *([0] * len(pe.inputs))))
@@ -469,13 +498,20 @@ def _warn_unbatched(prop: Property, what: str, err: Exception) -> None:
     )
 
 
+def accumulating(block: Tensor) -> Tensor:
+    """``block`` in at least float32: sums of products of bf16/fp16 gradients lose too much."""
+    if block.is_floating_point() and block.dtype.itemsize < 4:
+        return block.float()
+    return block
+
+
 def contract(rows_a: Rows, rows_b: Rows) -> Tensor:
-    """``J_a J_bᵀ`` for two row chunks: ``[c, d] = Σ_blocks A_l B_lᵀ``."""
+    """``J_a J_bᵀ`` for two row chunks: ``[c, d] = Σ_blocks A_l B_lᵀ`` (float32 or wider)."""
     total: Tensor | None = None
     for name, block_a in rows_a.items():
         part = (
-            block_a.reshape(block_a.shape[0], -1)
-            @ rows_b[name].reshape(rows_b[name].shape[0], -1).T
+            accumulating(block_a).reshape(block_a.shape[0], -1)
+            @ accumulating(rows_b[name]).reshape(rows_b[name].shape[0], -1).T
         )
         total = part if total is None else total + part
     if total is None:
@@ -485,5 +521,8 @@ def contract(rows_a: Rows, rows_b: Rows) -> Tensor:
 
 def contract_rowwise(rows_a: Rows, rows_b: Rows) -> Tensor:
     """``A_i · B_i`` for each row ``i`` of two chunks of equal length, ``[c]``."""
-    dots = [(block * rows_b[n]).reshape(block.shape[0], -1).sum(1) for n, block in rows_a.items()]
+    dots = [
+        (accumulating(block) * accumulating(rows_b[n])).reshape(block.shape[0], -1).sum(1)
+        for n, block in rows_a.items()
+    ]
     return torch.stack(dots).sum(0)

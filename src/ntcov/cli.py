@@ -194,12 +194,29 @@ def add_attribute(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=attribute.run_from_args, parser=parser)
 
 
+# ----- ntcov kernel ---------------------------------------------------------------------------
+
+
+def add_kernel(subparsers: argparse._SubParsersAction) -> None:
+    from ntcov.experiments import kernel
+
+    parser = subparsers.add_parser(
+        "kernel",
+        help=kernel.HELP,
+        description=kernel.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    kernel.add_arguments(parser)
+    parser.set_defaults(handler=kernel.run_from_args, parser=parser)
+
+
 # ----- the parser ----------------------------------------------------------------------------
 
 COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     add_demo,
     add_validate,
     add_attribute,
+    add_kernel,
     add_experiment,
 )
 

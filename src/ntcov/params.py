@@ -7,7 +7,7 @@ Parameters outside the dict and all buffers are held fixed at their current valu
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -44,6 +44,7 @@ def select_params(module: nn.Module, params: ParamSelection = None) -> ParamDict
                 f"select_params: {type(module).__name__} has no trainable parameters "
                 "(none with requires_grad=True); pass params=... to choose some explicitly."
             )
+        _check_weights(module, chosen)
         return {n: _copy(p) for n, p in chosen.items()}
     items = [params] if isinstance(params, str | nn.Module) else list(params)
     if not items:
@@ -54,7 +55,43 @@ def select_params(module: nn.Module, params: ParamSelection = None) -> ParamDict
     for item in items:
         names.update(dict.fromkeys(_names_of(module, item)))
     all_params = dict(module.named_parameters())
+    _check_weights(module, {n: all_params[n] for n in names})
     return {n: _copy(all_params[n]) for n in names}
+
+
+def _check_weights(module: nn.Module, chosen: Mapping[str, Tensor]) -> None:
+    """Refuse weights ntcov cannot differentiate: integer or complex dtypes, the meta device
+    (no values), or several devices at once (the Jacobian blocks are contracted together)."""
+    where = type(module).__name__
+    devices = {str(w.device) for w in chosen.values()}
+    if len(devices) > 1:
+        by_device = {d: [n for n, w in chosen.items() if str(w.device) == d] for d in devices}
+        listed = "; ".join(f"{d}: {_short_list(n, 3)}" for d, n in sorted(by_device.items()))
+        raise ValueError(
+            f"select_params: the selected parameters of {where} are on several devices "
+            f"({listed}); move the model to one device (model.to(device)), or select the "
+            "parameters of one device with params=."
+        )
+    for name, weight in chosen.items():
+        if weight.is_complex():
+            raise TypeError(
+                f"select_params: parameter {name!r} of {where} is complex ({weight.dtype}); ntcov "
+                "is defined for real weights. Store it as two real parameters (real and "
+                "imaginary parts, torch.view_as_complex in forward), or leave it out with "
+                "requires_grad_(False) or params=."
+            )
+        if not weight.is_floating_point():
+            raise TypeError(
+                f"select_params: parameter {name!r} of {where} has dtype {weight.dtype}; only "
+                "floating-point weights can be differentiated. Leave it out of params= (a "
+                "counter or index belongs in a buffer)."
+            )
+        if weight.device.type == "meta":
+            raise ValueError(
+                f"select_params: parameter {name!r} of {where} is on the meta device (it has no "
+                "values); materialise the model first (module.to_empty(device=...) and "
+                "load_state_dict)."
+            )
 
 
 def _copy(param: Tensor) -> Tensor:

@@ -21,7 +21,9 @@ import json
 import math
 import os
 import platform
-from collections.abc import Mapping, Sequence
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,8 @@ from numpy.typing import ArrayLike
 
 __all__ = [
     "add_identity_line",
+    "atomic_path",
+    "atomic_write",
     "format_markdown_table",
     "format_table",
     "new_figure",
@@ -171,6 +175,35 @@ def format_markdown_table(
 # ----- result files --------------------------------------------------------------------------
 
 
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A fresh temporary path next to ``path`` (same folder and suffix) to write to; renamed
+    onto ``path`` with :func:`os.replace` when the block ends, removed if it raises.
+
+    A reader, or a run interrupted mid-write, sees the old file or the new one, never half a
+    file. ``with atomic_path(out / "x.npz") as tmp: np.savez(tmp, ...)``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write(path: str | Path, data: str | bytes) -> Path:
+    """Write ``data`` (text as UTF-8) to ``path`` atomically: to a temporary file in the same
+    folder, flushed to disk, then renamed onto ``path`` (:func:`atomic_path`)."""
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        handle.write(raw)
+        handle.flush()
+        os.fsync(handle.fileno())
+    return Path(path)
+
+
 def run_metadata(seed: int) -> dict[str, Any]:
     """What every result file records next to its config: seed, versions, platform and time."""
     from ntcov import __version__
@@ -221,11 +254,7 @@ def write_json(path: str | Path, results: Mapping[str, Any], *, config: Any, see
     path = Path(path)
     payload = {"config": config, **run_metadata(seed), **results}
     text = json.dumps(to_jsonable(payload), indent=2, allow_nan=False)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text + "\n", encoding="utf-8")
-    os.replace(partial, path)
-    return path
+    return atomic_write(path, text + "\n")
 
 
 # ----- plots (matplotlib is optional and imported lazily) ------------------------------------
@@ -315,7 +344,8 @@ def save_figure(fig: Any, path: str | Path, *, dpi: int = 120) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        fig.savefig(path, dpi=dpi)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi)
     finally:
         plt.close(fig)
     return path

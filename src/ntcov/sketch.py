@@ -71,6 +71,7 @@ def batched_jvp(prop: Property, weights: ParamDict, tangents: Rows) -> Tensor:
     def one(tangent: Rows) -> Tensor:
         return jvp(prop, (weights,), (tangent,))[1]
 
+    _autodiff._load_forward_ad()  # torch's first JVP would warn under -W error
     try:
         with _autodiff.composite_attention():
             return vmap(one)(tangents).detach()

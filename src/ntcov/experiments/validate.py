@@ -36,7 +36,11 @@ linearity number and the realised first-order error; (c) 95% intervals covering 
 batch size; (d) Adam: metric-aware R² ≥ 0.95, against plain ntcov; (e) loss scaling.
 
 The run writes ``report.md``, ``results.json``, ``changes.npz`` (every predicted and actual
-change) and PNG plots to its output folder; partial results survive an interruption.
+change) and PNG plots to its output folder; partial results survive an interruption. Every file
+is written atomically (to a temporary name, then renamed), and each finished cell is saved to
+``cells/`` as it finishes (:mod:`~ntcov.experiments.validate_store`): ``resume=True``
+(``ntcov validate --resume``) skips the cells an earlier run in the same folder finished with the
+same configuration, and gives the same results as an uninterrupted run.
 
 Layout: :mod:`~ntcov.experiments.validate_config` (constants, configuration, the grid of cells),
 :mod:`~ntcov.experiments.validate_cells` (models, one measured step, training a cell, loss scaling,
@@ -57,6 +61,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ntcov import report
+from ntcov.experiments import validate_store as store
 from ntcov.experiments.common import torch_threads
 from ntcov.experiments.validate_cells import (
     CellRun,
@@ -134,24 +139,30 @@ def run(
     *,
     progress: bool = True,
     echo: Echo | None = print,
+    resume: bool = False,
 ) -> ValidateResult:
     """Run every cell and the loss-scaling check; write ``results.json``, ``changes.npz``,
     ``report.md`` and the figures to ``out``; print the headline checks through ``echo``.
 
-    ``results.json`` is rewritten after every cell (``status: "running"``). On
-    ``KeyboardInterrupt`` what was measured so far is written (``status: "interrupted"``) and
-    returned; on any other error it is written (``status: "failed"``) and the error re-raised.
+    ``results.json`` is rewritten after every cell (``status: "running"``) and each finished cell
+    is saved to ``out/cells/``. With ``resume=True`` the cells saved there by an earlier run with
+    the same configuration are loaded instead of measured again (the others are measured);
+    without it they are removed first. On ``KeyboardInterrupt`` what was measured so far is
+    written (``status: "interrupted"``) and returned; on any other error it is written
+    (``status: "failed"``) and the error re-raised.
     """
     config = config if config is not None else ValidateConfig()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        store.clear(out)
     started = time.perf_counter()
     state = RunState(config)
     # A diverged cell yields inf and nan; they are recorded (as null in JSON), not warned about.
     with np.errstate(all="ignore"):
         try:
             with torch_threads(config.threads):
-                status = _execute(state, out, started, progress=progress)
+                status = _execute(state, out, started, progress=progress, resume=resume)
         except Exception:
             _write_results(out, state, "failed", time.perf_counter() - started)
             raise
@@ -169,8 +180,12 @@ def run(
     )
 
 
-def _execute(state: RunState, out: Path, started: float, *, progress: bool) -> str:
-    """Every cell, then loss scaling, with a progress bar over all steps; returns the status."""
+def _execute(state: RunState, out: Path, started: float, *, progress: bool, resume: bool) -> str:
+    """Every cell, then loss scaling, with a progress bar over all steps; returns the status.
+
+    Each finished cell (and the loss scaling) is saved to ``out/cells/``; with ``resume`` the
+    ones saved with the same configuration are loaded instead of measured.
+    """
     config = state.config
     cells = plan_cells(config)
     total = sum(steps_for(c, config) for c in cells) + 4 * config.scaling_steps
@@ -185,11 +200,18 @@ def _execute(state: RunState, out: Path, started: float, *, progress: bool) -> s
     try:
         for index, cell in enumerate(cells):
             bar.set_description(cell.name)
-            _run_cell(state, cell, index, bar)
+            identity = store.fingerprint(config, cell, index)
+            state.info(cell.model)  # the model's data and λ₀, in the same order on resume
+            stored = store.load_cell(out, index, cell, identity) if resume else None
+            if stored is not None:
+                state.runs.append(stored)
+                bar.update(stored.steps)
+            else:
+                store.save_cell(out, index, _run_cell(state, cell, index, bar), identity)
             _write_results(out, state, "running", time.perf_counter() - started)
         if config.scaling_steps > 0:
             bar.set_description("loss scaling")
-            state.scaling = loss_scaling(config, state.info(config.models[0]))
+            state.scaling = _scaling(state, out, resume=resume)
             bar.update(4 * config.scaling_steps)
     except KeyboardInterrupt:
         return "interrupted"
@@ -198,7 +220,21 @@ def _execute(state: RunState, out: Path, started: float, *, progress: bool) -> s
     return "complete"
 
 
-def _run_cell(state: RunState, cell: Cell, index: int, bar: Any) -> None:
+def _scaling(state: RunState, out: Path, *, resume: bool) -> dict[str, Any]:
+    """The loss-scaling ratios: loaded from ``out/cells/`` on resume if stored, else measured
+    and stored."""
+    config = state.config
+    identity = store.fingerprint(config, None, -1)
+    stored = store.load_scaling(out, identity) if resume else None
+    if stored is not None:
+        return stored
+    scaling = loss_scaling(config, state.info(config.models[0]))
+    store.save_scaling(out, scaling, identity)
+    return scaling
+
+
+def _run_cell(state: RunState, cell: Cell, index: int, bar: Any) -> CellRun:
+    """Measure one cell into ``state.runs`` (partial if interrupted) and return it."""
     config = state.config
     info = state.info(cell.model)
     setup = build_setup(cell, config, info)
@@ -216,6 +252,7 @@ def _run_cell(state: RunState, cell: Cell, index: int, bar: Any) -> None:
             cell_run.forecast = cell_forecast(cell, config, info, np.stack(cell_run.values))
     finally:
         cell_run.wall_time_s = time.perf_counter() - started
+    return cell_run
 
 
 def _write_results(out: Path, state: RunState, status: str, wall_time_s: float) -> Path:
@@ -247,8 +284,7 @@ def _write_outputs(
             echo(f"figures not written: {err}")
     files.update({p.stem: p for p in figures})
     text = report_markdown(payload, config, [p.name for p in figures])
-    files["report"] = out / "report.md"
-    files["report"].write_text(text, encoding="utf-8")
+    files["report"] = report.atomic_write(out / "report.md", text)
     return files
 
 

@@ -30,6 +30,7 @@ LOSS_SPIKE = 1.5  # a training loss above 1.5× its initial value marks a blow-u
 SCALING_FACTOR = 10.0
 SCALING_TOLERANCE = 0.1  # (e): the ratios within 10% of 1 (Adam) and of 10 (SGD)
 Echo = Callable[[str], None]
+SEED_MAX = (2**64 - 1) // 1_000 - 1  # cell seeds are seed·1000 + index, within torch's range
 
 
 # ----- configuration -------------------------------------------------------------------------
@@ -85,6 +86,8 @@ class ValidateConfig:
             _check_int(name, getattr(self, name), minimum=1)
         for name in ("depth", "seed", "scaling_steps"):
             _check_int(name, getattr(self, name), minimum=0)
+        if self.seed > SEED_MAX:
+            raise ValueError(f"ValidateConfig: seed must be <= {SEED_MAX}, got {self.seed}.")
         if self.cnn_train_examples is not None:
             _check_int("cnn_train_examples", self.cnn_train_examples, minimum=2)
         _check_choices("models", self.models, MODELS, allow_empty=False)

@@ -130,9 +130,8 @@ def write_changes(path: Path, runs: Sequence[CellRun]) -> Path:
     for i, run in enumerate(runs):
         for name in ("actual", *PREDICTORS, "std", "lower", "upper", "linearity"):
             arrays[f"cell{i:02d}_{name}"] = run.stacked(name)
-    partial_path = path.with_name(path.stem + ".partial.npz")
-    np.savez_compressed(partial_path, **arrays)  # type: ignore[arg-type]
-    partial_path.replace(path)
+    with report.atomic_path(path) as tmp:
+        np.savez_compressed(tmp, **arrays)  # type: ignore[arg-type]
     return path
 
 
