@@ -155,7 +155,7 @@ def run_validate(args: argparse.Namespace) -> int:
 
 # ----- ntcov experiment NAME ------------------------------------------------------------------
 
-EXPERIMENTS: tuple[str, ...] = ("linearity", "juice", "bernoulli")
+EXPERIMENTS: tuple[str, ...] = ("linearity", "juice", "bernoulli", "minilm")
 """Modules of :mod:`ntcov.experiments` run by ``ntcov experiment NAME``. Each defines ``HELP``
 (one line), ``add_arguments(parser)`` and ``run_from_args(args) -> int`` (the exit status;
 ``args.parser.error`` reports bad values)."""
