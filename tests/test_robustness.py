@@ -521,7 +521,8 @@ def test_readme_links_stay_inside_the_repository() -> None:
         assert path.is_relative_to(REPO) and path.exists(), target
 
 
-def test_readme_python_example_runs() -> None:
+def test_readme_python_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # the monitor example writes runs/ntcov
     text = (REPO / "README.md").read_text(encoding="utf-8")
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)
     assert len(blocks) >= 2
@@ -531,5 +532,7 @@ def test_readme_python_example_runs() -> None:
         exec(compile(code, "README.md", "exec"), namespace)
     assert namespace["kernel"].shape == (20, 10, 20)  # type: ignore[attr-defined]
     assert namespace["low"].shape == (20,)  # type: ignore[attr-defined]
+    assert (tmp_path / "runs" / "ntcov" / "steps.jsonl").read_text().count("\n") == 10
+    assert namespace["parts"].values.shape == (500,)  # type: ignore[attr-defined]
     for word in [".value()", "map_rows", "from_per_example", "dim 0"]:
         assert word in text, word
