@@ -13,7 +13,7 @@ counts); the launcher prints the speedup ``t(1) / t(R)`` per workload and checks
 of both runs agree (max |a − b| / max |b| ≤ 1e-10 in float64). On a machine with fewer free
 cores than ``R`` the speedup cannot reach ``R``: the JSON records the core count.
 
-    python benchmarks/bench_distributed.py                # R = 2, digits MLP (hidden 256)
+    python benchmarks/bench_distributed.py                # R = 2, digits MLP (hidden 512)
     python benchmarks/bench_distributed.py --quick        # small sizes, one repeat
 """
 
@@ -39,9 +39,9 @@ WORKLOADS = ("gradient", "examples", "gram")
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--processes", type=int, default=2)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--held-out", type=int, default=64, help="K held-out probabilities")
-    parser.add_argument("--gram", type=int, default=512, help="M examples in the Gram matrix")
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--held-out", type=int, default=256, help="K held-out probabilities")
+    parser.add_argument("--gram", type=int, default=1438, help="M examples in the Gram matrix")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default=str(DEFAULT_OUT))

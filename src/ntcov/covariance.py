@@ -16,9 +16,16 @@ Strategies (all exact; ``LOOP`` is the brute-force reference):
   when an op has no forward-mode AD).
 - ``PER_EXAMPLE``: rows of a property built with per-example structure come from ``vmap(jacrev)``
   over examples; best for K×K matrices of per-example properties.
+- ``STRUCTURED``: for two per-example properties, per-layer rules that never form per-example
+  gradients of ``nn.Linear``/``Conv1d``/``Conv2d``/``nn.Embedding`` weights (for ``y = W h``:
+  ``∇p_i·∇q_j = Σ_{t,s} (δ_it·δ'_js)(h_it·h'_js)``), per-example gradients for the other
+  parameters; a per-layer cost model picks the cheaper rule (see :mod:`ntcov.structured`).
+  Falls back to ``PER_EXAMPLE`` with a warning when it cannot be used; ``ntvar`` uses
+  ``PER_EXAMPLE`` rows.
 - ``VJP``: Jacobian rows by batched VJPs in chunks under ``memory_budget``, contracted per block.
-- ``AUTO``: JVP if the smaller side has at most 16 entries, else PER_EXAMPLE when either side has
-  per-example structure, else VJP.
+- ``AUTO``: JVP if the smaller side has at most 16 entries, else STRUCTURED when both sides have
+  per-example structure and its cost model (found from one example's forward pass) predicts it
+  cheaper than PER_EXAMPLE, else PER_EXAMPLE when either side has, else VJP.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ from typing import ParamSpec, TypeVar
 import torch
 from torch import Tensor
 
-from ntcov import _autodiff
+from ntcov import _autodiff, _safeguards
 from ntcov._choice import as_choice
 from ntcov.params import (
     ParamDict,
@@ -44,6 +51,7 @@ from ntcov.params import (
 )
 from ntcov.property import Property, different_modules
 from ntcov.reference import ntcov_loop
+from ntcov.structured import StructuredUnavailable, cheaper_than_per_example, structured_ntcov
 
 __all__ = ["Strategy", "ntcov", "ntvar", "rate"]
 
@@ -61,6 +69,7 @@ class Strategy(str, Enum):
     JVP = "jvp"
     DOUBLE_VJP = "double_vjp"
     PER_EXAMPLE = "per_example"
+    STRUCTURED = "structured"
     VJP = "vjp"
     LOOP = "loop"
 
@@ -111,21 +120,28 @@ def ntcov(
     chosen, weights = _prepare("ntcov", a, b, params, strategy)
     _check_metric("ntcov", metric, weights)
     budget = _check_memory_budget("ntcov", memory_budget)
-    values = (_checked_value(a), _checked_value(b))
+    value_a = _checked_value(a, "ntcov", weights)
+    values = (value_a, value_a if b is a else _checked_value(b, "ntcov", weights))
     shapes = (values[0].shape, values[1].shape)
     if shapes[0].numel() == 0 or shapes[1].numel() == 0:
         return _empty(shapes[0] + shapes[1], *values)
+    _check_result_fits("ntcov", shapes[0] + shapes[1], values[0])
     if chosen is Strategy.LOOP:
-        return ntcov_loop(a, b, params=params, metric=metric)
+        _check_loop_fits((a, b), shapes, weights)
+        loop = ntcov_loop(a, b, params=params, metric=metric)
+        return _safeguards.check_finite_result("ntcov", loop, (a, b), weights)
     if chosen is Strategy.AUTO:
-        chosen = _auto(a, b, shapes)
+        chosen = _auto(a, b, shapes, weights)
     if chosen in (Strategy.JVP, Strategy.DOUBLE_VJP):
         reverse = chosen is Strategy.DOUBLE_VJP
         out = _ntcov_jvp(a, b, weights, shapes, metric, force_reverse=reverse)
+    elif chosen is Strategy.STRUCTURED:
+        out = _ntcov_structured(a, b, weights, budget, metric, values)
     else:
         chunk = _rows_per_chunk(weights, budget)
         out = _ntcov_rows(a, b, weights, chosen, chunk, metric)
-    return out.reshape(shapes[0] + shapes[1])  # a tuple: both may be scalars
+    out = out.reshape(shapes[0] + shapes[1])  # a tuple: both may be scalars
+    return _safeguards.check_finite_result("ntcov", out, (a, b), weights)
 
 
 @_with_autograd
@@ -145,7 +161,7 @@ def ntvar(
     chosen, weights = _prepare("ntvar", a, a, params, strategy)
     _check_metric("ntvar", metric, weights)
     budget = _check_memory_budget("ntvar", memory_budget)
-    value = _checked_value(a)
+    value = _checked_value(a, "ntvar", weights)
     shape = value.shape
     if shape.numel() == 0:
         return _empty(shape, value, value)
@@ -157,7 +173,8 @@ def ntvar(
     rows = _row_source(a, chosen)
     chunk = _rows_per_chunk(weights, budget)
     parts = [_autodiff.contract_rowwise(r, _scaled(r, metric)) for _, r in rows(a, weights, chunk)]
-    return torch.cat(parts).reshape(shape).detach()
+    result = torch.cat(parts).reshape(shape).detach()
+    return _safeguards.check_finite_result("ntvar", result, (a,), weights)
 
 
 @_with_autograd
@@ -180,20 +197,42 @@ def rate(
     chosen, weights = _prepare("rate", x, loss, params, strategy)
     _check_metric("rate", metric, weights)
     if chosen in (Strategy.AUTO, Strategy.JVP, Strategy.DOUBLE_VJP):
-        _, grad = _autodiff.gradient(loss, weights, caller="rate")
+        loss_value, grad = _autodiff.gradient(loss, weights, caller="rate")
+        _safeguards.check_finite_value("rate", loss, loss_value, weights)
         ascent = {n: -g for n, g in _scaled(grad, metric).items()}
         force = chosen is Strategy.DOUBLE_VJP
-        return _autodiff.directional(x, weights, ascent, force_reverse=force)[1]
+        value, change = _autodiff.directional(x, weights, ascent, force_reverse=force)
+        _safeguards.check_finite_value("rate", x, value, weights)
+        return _safeguards.check_finite_result("rate", change, (x, loss), weights)
     scalar = _scalar_loss(loss, weights)
     covariance = ntcov(x, scalar, params=params, strategy=chosen, metric=metric)
     return -covariance.reshape(x.shape)
 
 
-def _checked_value(prop: Property) -> Tensor:
-    """The property's value (its shape and dtype), checked to be a floating tensor."""
+def _checked_value(prop: Property, caller: str, weights: ParamDict) -> Tensor:
+    """The property's value (its shape and dtype), checked to be a finite floating tensor."""
     value = prop.value()
     _autodiff.check_output(prop, value)
+    _safeguards.check_finite_value(caller, prop, value, weights)
     return value
+
+
+def _check_result_fits(caller: str, shape: torch.Size, value: Tensor) -> None:
+    """Refuse up front a result larger than the free memory of its device."""
+    fix = "compute it in blocks (ntcov(a[i:j], b)), or ntvar(a) for the diagonal of ntcov(a, a)."
+    _safeguards.check_fits(caller, "the result", shape, value.dtype, value.device, fix)
+
+
+def _check_loop_fits(
+    props: tuple[Property, Property], shapes: tuple[torch.Size, torch.Size], weights: ParamDict
+) -> None:
+    """The ``LOOP`` reference holds each full Jacobian ``[K, P]``: refuse those that cannot fit."""
+    first = next(iter(weights.values()))
+    fix = "use strategy='vjp' (Jacobian rows in chunks under memory_budget)."
+    for prop, shape in zip(props, shapes, strict=True):
+        what = f"strategy='loop' holds the full Jacobian of {prop.name!r}, which"
+        size = (shape.numel(), num_params(weights))
+        _safeguards.check_fits("ntcov", what, size, first.dtype, first.device, fix)
 
 
 def _empty(shape: torch.Size, a: Tensor, b: Tensor) -> Tensor:
@@ -238,7 +277,8 @@ def _check_metric(caller: str, metric: ParamDict | None, weights: ParamDict) -> 
 
 
 def _scalar_loss(loss: Property, weights: ParamDict) -> Property:
-    _autodiff.gradient(loss, weights, caller="rate")  # raises a clear error if not scalar
+    value, _ = _autodiff.gradient(loss, weights, caller="rate")  # a clear error if not scalar
+    _safeguards.check_finite_value("rate", loss, value, weights)
     return loss.map(lambda v: v.reshape(()), loss.name)
 
 
@@ -265,9 +305,14 @@ def _as_strategy(caller: str, strategy: Strategy | str) -> Strategy:
     return as_choice(Strategy, strategy, caller, "strategy")
 
 
-def _auto(a: Property, b: Property, shapes: tuple[torch.Size, torch.Size]) -> Strategy:
+def _auto(
+    a: Property, b: Property, shapes: tuple[torch.Size, torch.Size], weights: ParamDict
+) -> Strategy:
     if min(shapes[0].numel(), shapes[1].numel()) <= JVP_MAX_SMALL_SIDE:
         return Strategy.JVP
+    both = _structured_applies(a) and _structured_applies(b)
+    if both and cheaper_than_per_example(a, b, weights):  # one example's pass per property
+        return Strategy.STRUCTURED
     if a.per_example is not None or b.per_example is not None:
         return Strategy.PER_EXAMPLE
     return Strategy.VJP
@@ -282,15 +327,16 @@ def _ntcov_jvp(
     *,
     force_reverse: bool,
 ) -> Tensor:
-    """Gradients of the smaller side, then JVPs of the larger side along each: ``[A, B]``."""
+    """Gradients of the smaller side, then JVPs of the larger side along each: ``[A, B]``.
+
+    The gradients are held ``JVP_MAX_SMALL_SIDE`` at a time (not all ``m`` at once)."""
     small_is_b = shapes[1].numel() <= shapes[0].numel()
     small, large = (b, a) if small_is_b else (a, b)
-    tangents = [
-        _scaled({n: r[i] for n, r in rows.items()}, metric)
-        for _, rows in _autodiff.vjp_rows(small, weights, JVP_MAX_SMALL_SIDE)
-        for i in range(next(iter(rows.values())).shape[0])
-    ]
-    columns = _autodiff.directions(large, weights, tangents, force_reverse=force_reverse)
+    columns: list[Tensor] = []
+    for _, rows in _autodiff.vjp_rows(small, weights, JVP_MAX_SMALL_SIDE):
+        count = next(iter(rows.values())).shape[0]
+        tangents = [_scaled({n: r[i] for n, r in rows.items()}, metric) for i in range(count)]
+        columns += _autodiff.directions(large, weights, tangents, force_reverse=force_reverse)
     stacked = torch.stack(columns).reshape(len(columns), -1)  # [m, K_large]
     return stacked.T if small_is_b else stacked
 
@@ -301,9 +347,42 @@ RowSource = Callable[[Property, ParamDict, int], Iterator[tuple[int, _autodiff.R
 def _row_source(prop: Property, strategy: Strategy) -> RowSource:
     # batch statistics (BatchNorm in training mode) break the per-example structure
     per_example = prop.per_example is not None and not mixes_examples(prop.module)
-    if strategy is Strategy.PER_EXAMPLE and per_example:
+    if strategy in (Strategy.PER_EXAMPLE, Strategy.STRUCTURED) and per_example:
         return _autodiff.per_example_rows
     return _autodiff.vjp_rows
+
+
+def _structured_applies(prop: Property) -> bool:
+    return prop.per_example is not None and not mixes_examples(prop.module)
+
+
+def _ntcov_structured(
+    a: Property,
+    b: Property,
+    weights: ParamDict,
+    budget: int,
+    metric: ParamDict | None,
+    values: tuple[Tensor, Tensor] | None = None,
+) -> Tensor:
+    """``J_a M J_bᵀ`` (``[A, B]``) by the structured layer rules, or by per-example rows (with a
+    warning saying why) when they cannot be used. ``values``: the batch values, if known."""
+    try:
+        if not (_structured_applies(a) and _structured_applies(b)):
+            missing = a if not _structured_applies(a) else b
+            raise StructuredUnavailable(
+                f"property {missing.name!r} has no per-example structure (or its module mixes "
+                "the examples of a batch)"
+            )
+        return structured_ntcov(a, b, weights, budget, metric, values)
+    except StructuredUnavailable as reason:
+        _autodiff._warn(
+            "structured",
+            a,
+            f"the structured strategy is not available for ntcov({a.name!r}, {b.name!r}): "
+            f"{reason}; using per-example gradients instead (exact, slower).",
+        )
+    chunk = _rows_per_chunk(weights, budget)
+    return _ntcov_rows(a, b, weights, Strategy.PER_EXAMPLE, chunk, metric)
 
 
 def _ntcov_rows(
