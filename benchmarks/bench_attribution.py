@@ -1,6 +1,7 @@
 """Per-example attribution: ntcov against Captum's ``TracInCP`` and a ``vmap(grad)`` baseline.
 
-The same digits MLP (64→64→64→10, tanh, trained a few full-batch SGD steps and saved as one
+The same digits MLP (64→h→h→10, tanh, for each width ``h`` of ``Config.hidden``: 64 and 256,
+that is P = 8,970 and 85,002 weights; trained a few full-batch SGD steps and saved as one
 checkpoint with its learning rate ``η``), the same ``N`` training images and the same ``K``
 held-out images. Each method computes the ``[K, N]`` matrix of TracIn scores for one checkpoint,
 
@@ -33,8 +34,8 @@ imports loaded, one warm-up call on 2 examples) the kernel's peak-RSS mark is re
 RSS at its start. It counts every allocation, torch's included (``tracemalloc`` sees only
 Python's), plus allocator slack, so treat differences below a few MiB as noise.
 
-    python benchmarks/bench_attribution.py            # N = 1,200, K ∈ {1, 64}
-    python benchmarks/bench_attribution.py --quick    # smoke run: N = 200, K ∈ {1, 4}
+    python benchmarks/bench_attribution.py            # N = 1,200, K ∈ {1, 64}, h ∈ {64, 256}
+    python benchmarks/bench_attribution.py --quick    # smoke run: N = 200, K ∈ {1, 4}, h = 64
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ class Config:
 
     n_train: int = 1200
     ks: tuple[int, ...] = (1, 64)
+    hidden: tuple[int, ...] = (64, 256)
     dtype: str = "float32"
     threads: int = 1
     repeats: int = 7
@@ -90,7 +92,15 @@ class Config:
 
     @classmethod
     def quick_config(cls) -> Config:
-        return cls(n_train=200, ks=(1, 4), repeats=2, cell_seconds=1.0, train_steps=5, quick=True)
+        return cls(
+            n_train=200,
+            ks=(1, 4),
+            hidden=(64,),
+            repeats=2,
+            cell_seconds=1.0,
+            train_steps=5,
+            quick=True,
+        )
 
 
 @dataclass
@@ -109,17 +119,20 @@ class Problem:
 # ----- the problem ---------------------------------------------------------------------------
 
 
-def make_problem(config: Config, k: int, dtype: torch.dtype, folder: str) -> Problem:
-    """Train the MLP ``train_steps`` full-batch SGD steps on the ``N`` images; save it."""
+def make_problem(
+    config: Config, k: int, dtype: torch.dtype, folder: str, hidden: int = 64
+) -> Problem:
+    """Train the MLP of width ``hidden`` ``train_steps`` full-batch SGD steps on the ``N``
+    images; save it."""
     split = load_digits_split(dtype=dtype)
     x_train, y_train = split.x_train[: config.n_train], split.y_train[: config.n_train]
-    model = digits_mlp(dtype=dtype)
+    model = digits_mlp(hidden=hidden, dtype=dtype)
     optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE)
     for _ in range(config.train_steps):
         optimizer.zero_grad()
         nn.functional.cross_entropy(model(x_train), y_train).backward()
         optimizer.step()
-    path = os.path.join(folder, f"mlp_{config.dtype}_{dtype}.pt")
+    path = os.path.join(folder, f"mlp_{hidden}_{config.dtype}_{dtype}.pt")
     torch.save(model.state_dict(), path)
     extra = tuple(s for s in config.extra_strategies if s in {m.value for m in ntcov.Strategy})
     return Problem(model, x_train, y_train, split.x_test[:k], split.y_test[:k], path, extra)
@@ -250,7 +263,7 @@ def measure(fns: dict[str, Callable[[], Tensor]], config: Config) -> tuple[dict,
     return times, results
 
 
-def peak_memory_mib(method: str, k: int, config: Config) -> float | None:
+def peak_memory_mib(method: str, k: int, hidden: int, config: Config) -> float | None:
     """Peak RSS increase (MiB) of one call of ``method`` in a fresh child process."""
     command = [
         sys.executable,
@@ -259,6 +272,8 @@ def peak_memory_mib(method: str, k: int, config: Config) -> float | None:
         method,
         "--child-k",
         str(k),
+        "--child-hidden",
+        str(hidden),
         "--child-config",
         json.dumps(asdict(config)),
     ]
@@ -270,10 +285,10 @@ def peak_memory_mib(method: str, k: int, config: Config) -> float | None:
     return None
 
 
-def child_memory(method: str, k: int, config: Config) -> None:
+def child_memory(method: str, k: int, hidden: int, config: Config) -> None:
     torch.set_num_threads(config.threads)
     with tempfile.TemporaryDirectory() as folder:
-        problem = make_problem(config, k, DTYPES[config.dtype], folder)
+        problem = make_problem(config, k, DTYPES[config.dtype], folder, hidden)
         if method.startswith("captum"):
             import captum.influence  # noqa: F401  (imports are setup, not the method's cost)
         tiny = replace(problem, x_train=problem.x_train[:2], y_train=problem.y_train[:2])
@@ -313,13 +328,14 @@ def agreement(results: dict[str, Tensor], reference: str = "vmap_grad") -> dict[
     }
 
 
-def bench_k(k: int, config: Config, folder: str) -> dict:
-    problem = make_problem(config, k, DTYPES[config.dtype], folder)
+def bench_k(k: int, hidden: int, config: Config, folder: str) -> dict:
+    problem = make_problem(config, k, DTYPES[config.dtype], folder, hidden)
     times, results = measure(methods(problem), config)
     median = {n: t["median_s"] for n, t in times.items()}
     ratios = {f"{n}/ntcov": median[n] / median["ntcov"] for n in median if n != "ntcov"}
     row = {
         "K": k,
+        "hidden": hidden,
         "N": problem.x_train.shape[0],
         "P": sum(p.numel() for p in problem.model.parameters()),
         "times": times,
@@ -328,7 +344,7 @@ def bench_k(k: int, config: Config, folder: str) -> dict:
     }
     if config.memory and (not config.quick or k == config.ks[-1]):
         names = list(median) if not config.quick else ["ntcov", "captum"]
-        row["peak_memory_mib"] = {n: peak_memory_mib(n, k, config) for n in names}
+        row["peak_memory_mib"] = {n: peak_memory_mib(n, k, hidden, config) for n in names}
     print_row(row)
     return row
 
@@ -343,7 +359,7 @@ def exactness(config: Config, folder: str) -> dict[str, float]:
 def print_row(row: dict) -> None:
     t = {n: v["median_s"] * 1e3 for n, v in row["times"].items()}
     cells = "  ".join(f"{n} {v:9.2f} ms" for n, v in t.items())
-    print(f"K={row['K']:<3} N={row['N']}  {cells}")
+    print(f"h={row['hidden']:<3} P={row['P']:<6} K={row['K']:<3} N={row['N']}  {cells}")
     print("       ratios: " + "  ".join(f"{n} {v:7.1f}x" for n, v in row["ratios"].items()))
     print(
         "       max rel diff: " + "  ".join(f"{n} {v:.1e}" for n, v in row["max_rel_diff"].items())
@@ -370,6 +386,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--child-memory", help=argparse.SUPPRESS)
     parser.add_argument("--child-k", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--child-hidden", type=int, default=64, help=argparse.SUPPRESS)
     parser.add_argument("--child-config", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -383,7 +400,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for k, v in json.loads(args.child_config).items()
             }
         )
-        child_memory(args.child_memory, args.child_k, config)
+        child_memory(args.child_memory, args.child_k, args.child_hidden, config)
         return 0
     base = Config.quick_config() if args.quick else Config()
     config = replace(base, dtype=args.dtype, threads=args.threads, memory=not args.no_memory)
@@ -391,12 +408,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(config.threads)
     try:
         with tempfile.TemporaryDirectory() as folder:
-            rows = [bench_k(k, config, folder) for k in config.ks]
+            rows = [bench_k(k, h, config, folder) for h in config.hidden for k in config.ks]
             exact = exactness(config, folder)
     finally:
         torch.set_num_threads(previous)
     failures = [
-        f"K={row['K']}: {name} {value:.1e} > {TOLERANCE:g}"
+        f"h={row['hidden']} K={row['K']}: {name} {value:.1e} > {TOLERANCE:g}"
         for row in rows
         for name, value in row["max_rel_diff"].items()
         if not value <= TOLERANCE
@@ -411,8 +428,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         verdict = "meets" if ratio >= TARGET_RATIO else "misses"
         loop = row["ratios"]["captum_loop/ntcov"]
         print(
-            f"K={row['K']}: ntcov is {ratio:.1f}x faster than TracInCP's fast mode ({verdict} "
-            f"the {TARGET_RATIO:g}x goal) and {loop:.1f}x faster than its default mode"
+            f"h={row['hidden']} (P={row['P']}) K={row['K']}: ntcov is {ratio:.1f}x faster than "
+            f"TracInCP's fast mode ({verdict} the {TARGET_RATIO:g}x goal) and {loop:.1f}x faster "
+            "than its default mode"
         )
     payload = {
         "config": asdict(config),

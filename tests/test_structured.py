@@ -214,6 +214,42 @@ def test_params_subset_frozen_and_metric() -> None:
     assert_close(_structured(logits, logits, metric=metric), (j * scale) @ j.T)
 
 
+@pytest.mark.parametrize("name", ["mlp", "cnn_bn", "transformer", "tied"])
+def test_constant_metric_per_parameter_keeps_the_structured_rule(name: str) -> None:
+    """SGD's metric is one constant per parameter (``η``, ``η(1 − d)``...): the structured
+    blocks are scaled by it; a parameter with a varying metric goes to the dense rule."""
+    case = ZOO[name]()
+    model, x = case.model, case.x
+    logits = properties.logits(model, x)
+    losses = properties.per_example_loss(model, x, case.y)
+    weights = select_params(model)
+    metric = {n: torch.full_like(w, 0.1 + 0.05 * i) for i, (n, w) in enumerate(weights.items())}
+    varying = next(iter(make_plan(logits, weights).structured))
+    metric[varying] = torch.rand(weights[varying].shape, dtype=DTYPE, generator=_gen(13))
+    plan_a, plan_b = make_plan(logits, weights), make_plan(losses, weights)
+    choice = choose_rules(plan_a, plan_b, weights, metric)
+    assert varying not in choice.structured and varying in choice.dense
+    if name == "mlp":
+        assert choice.structured and set(choice.scales) == set(choice.structured)
+    ja, jb = (
+        plain_jacobian(model, model_of(x)),
+        plain_jacobian(model, lambda m: F.cross_entropy(m(x), case.y, reduction="none")),
+    )
+    scale = torch.cat([metric[n].reshape(-1) for n in weights])
+    assert_close(_structured(logits, losses, metric=metric), (ja * scale) @ jb.T)
+    assert_close(_structured(logits, logits, metric=metric), (ja * scale) @ ja.T)
+
+
+def test_auto_counts_a_varying_metric_as_per_example_work() -> None:
+    mlp = ZOO["mlp"]()
+    logits = properties.logits(mlp.model, mlp.x)
+    weights = select_params(mlp.model)
+    constant = {n: torch.full_like(w, 0.5) for n, w in weights.items()}
+    varying = {n: torch.rand(w.shape, dtype=DTYPE, generator=_gen(14)) for n, w in weights.items()}
+    assert structured_module.cheaper_than_per_example(logits, logits, weights, constant)
+    assert not structured_module.cheaper_than_per_example(logits, logits, weights, varying)
+
+
 class Doubled(nn.Linear):
     """A subclass that changes the computation: must not be treated as nn.Linear."""
 

@@ -131,7 +131,7 @@ def ntcov(
         loop = ntcov_loop(a, b, params=params, metric=metric)
         return _safeguards.check_finite_result("ntcov", loop, (a, b), weights)
     if chosen is Strategy.AUTO:
-        chosen = _auto(a, b, shapes, weights)
+        chosen = _auto(a, b, shapes, weights, metric)
     if chosen in (Strategy.JVP, Strategy.DOUBLE_VJP):
         reverse = chosen is Strategy.DOUBLE_VJP
         out = _ntcov_jvp(a, b, weights, shapes, metric, force_reverse=reverse)
@@ -306,12 +306,16 @@ def _as_strategy(caller: str, strategy: Strategy | str) -> Strategy:
 
 
 def _auto(
-    a: Property, b: Property, shapes: tuple[torch.Size, torch.Size], weights: ParamDict
+    a: Property,
+    b: Property,
+    shapes: tuple[torch.Size, torch.Size],
+    weights: ParamDict,
+    metric: ParamDict | None,
 ) -> Strategy:
     if min(shapes[0].numel(), shapes[1].numel()) <= JVP_MAX_SMALL_SIDE:
         return Strategy.JVP
     both = _structured_applies(a) and _structured_applies(b)
-    if both and cheaper_than_per_example(a, b, weights):  # one example's pass per property
+    if both and cheaper_than_per_example(a, b, weights, metric):  # one example's pass each
         return Strategy.STRUCTURED
     if a.per_example is not None or b.per_example is not None:
         return Strategy.PER_EXAMPLE

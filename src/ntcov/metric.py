@@ -65,21 +65,29 @@ class OptimizerStep:
 
     def force(self, grad: GradDict) -> ParamDict:
         """``−M ⊙ g`` per parameter; names absent from ``grad`` (or ``None``) give zeros."""
-        unknown = [n for n in grad if n not in self.metric]
-        if unknown:
-            raise ValueError(
-                f"OptimizerStep.force: grad has entries for unknown parameters {unknown}; "
-                f"known parameters are {list(self.metric)}."
-            )
+        self._check_names(grad, "force")
         out = {}
         for name, metric in self.metric.items():
             g = grad.get(name)
-            out[name] = torch.zeros_like(metric) if g is None else -metric * g.detach()
+            out[name] = torch.zeros_like(metric) if g is None else torch.mul(metric, g).neg_()
         return out
 
     def delta(self, grad: GradDict) -> ParamDict:
         """The update ``Δw = −M ⊙ g + b`` per parameter (exact at the gradient it was built at)."""
-        return {n: f + self.bias[n] for n, f in self.force(grad).items()}
+        self._check_names(grad, "delta")
+        out = {}
+        for name, metric in self.metric.items():
+            g, bias = grad.get(name), self.bias[name]
+            out[name] = bias.clone() if g is None else torch.addcmul(bias, metric, g, value=-1)
+        return out
+
+    def _check_names(self, grad: GradDict, method: str) -> None:
+        unknown = [n for n in grad if n not in self.metric]
+        if unknown:
+            raise ValueError(
+                f"OptimizerStep.{method}: grad has entries for unknown parameters {unknown}; "
+                f"known parameters are {list(self.metric)}."
+            )
 
 
 def optimizer_step(
@@ -97,8 +105,7 @@ def optimizer_step(
     params = dict(model.named_parameters())
     _check_grad(grad, params)
     _check_no_grad_scaler(optimizer)
-    metric = {n: torch.zeros_like(p.detach()) for n, p in params.items()}
-    bias = {n: torch.zeros_like(p.detach()) for n, p in params.items()}
+    stepped: dict[str, tuple[Tensor, Tensor]] = {}
     with torch.no_grad():
         for group in optimizer.param_groups:
             for p in group["params"]:
@@ -108,7 +115,13 @@ def optimizer_step(
                     continue
                 _check_entry(name, p, g)
                 state = optimizer.state.get(p, {})
-                metric[name], bias[name] = _linear_step(rule, optimizer, group, state, p, g)
+                stepped[name] = _linear_step(rule, optimizer, group, state, p, g)
+    metric, bias = {}, {}
+    for name, p in params.items():  # in model order; parameters not stepped get M = b = 0
+        if name in stepped:
+            metric[name], bias[name] = stepped[name]
+        else:
+            metric[name], bias[name] = torch.zeros_like(p.detach()), torch.zeros_like(p.detach())
     return OptimizerStep(metric, bias)
 
 
@@ -117,12 +130,14 @@ def _linear_step(
 ) -> tuple[Tensor, Tensor]:
     """``(M, b)`` from the rule's ``(coef, carry)`` in terms of ``g_eff = sign g + λ w``."""
     w, g = p.detach(), g.detach()
-    sign = -1.0 if group.get("maximize", False) else 1.0
+    maximize = bool(group.get("maximize", False))
     decay = _coupled_weight_decay(optimizer, group)
-    effective = sign * g + decay * w if decay != 0 else sign * g
+    effective = -g if maximize else g
+    if decay != 0:
+        effective = effective + decay * w
     coef, carry = rule(group, state, w, effective)
     bias = carry - coef * (decay * w) if decay != 0 else carry
-    return sign * coef, bias
+    return (-coef if maximize else coef), bias
 
 
 def _coupled_weight_decay(optimizer: torch.optim.Optimizer, group: Group) -> float:
@@ -150,14 +165,16 @@ def _sgd(group: Group, state: State, w: Tensor, g: Tensor) -> tuple[Tensor, Tens
 def _adam(group: Group, state: State, w: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
     eps = _scalar(group["eps"])
     beta1, beta2 = (_scalar(b) for b in group["betas"])
-    first = state.get("exp_avg", torch.zeros_like(w))
-    second = beta2 * state.get("exp_avg_sq", torch.zeros_like(w)) + (1 - beta2) * g * g
-    if group["amsgrad"]:
-        second = torch.maximum(state.get("max_exp_avg_sq", torch.zeros_like(w)), second)
+    first, old_second = state.get("exp_avg"), state.get("exp_avg_sq")
+    second = torch.mul(g, g).mul_(1 - beta2)
+    if old_second is not None:
+        second.add_(old_second, alpha=beta2)
+    if group["amsgrad"] and state.get("max_exp_avg_sq") is not None:
+        second = torch.maximum(state["max_exp_avg_sq"], second)
     correction1, root_correction2 = _adam_corrections(group, state, beta1, beta2)
     step_size = _like(group["lr"] / correction1, w)  # the precision torch computes it in
-    scale = step_size / (second.sqrt() / _like(root_correction2, w) + eps)
-    carry = -scale * beta1 * first
+    scale = step_size / second.sqrt_().div_(_like(root_correction2, w)).add_(eps)
+    carry = torch.zeros_like(w) if first is None else torch.mul(first, scale).mul_(-beta1)
     if group.get("decoupled_weight_decay", False):  # w ← (1 − η λ) w, in torch's precision
         shrink = _like(1 - group["lr"] * _scalar(group["weight_decay"]), w)
         carry = carry + (shrink - 1) * w

@@ -42,7 +42,7 @@ pairwise temporaries of one tile, chunked so that they and the result fit ``memo
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -141,6 +141,8 @@ class Choice:
     dense: list[str]
     metric: ParamDict | None = field(default=None)
     batch_pass: bool = True  # False: every row from the per-example vmap pass
+    # with a metric: the constant M of each structured parameter (its blocks are scaled by it)
+    scales: Mapping[str, float] = field(default_factory=dict)
 
 
 def structured_ntcov(
@@ -418,11 +420,15 @@ def _still_reached(out: Tensor, leaves: ParamDict) -> set[str]:
 def choose_rules(
     plan_a: Plan, plan_b: Plan, weights: ParamDict, metric: ParamDict | None
 ) -> Choice:
-    """The structured rule for each parameter where the cost model prefers it (never with a
-    metric: a diagonal ``M`` does not factor over ``Σ_t A_tᵀ B_t``)."""
+    """The structured rule for each parameter where the cost model prefers it. With a metric,
+    only parameters whose ``M`` is one constant (SGD, momentum: ``M = η a``) can use it: a
+    general diagonal ``M`` does not factor over ``Σ_t A_tᵀ B_t``, a constant scales the block."""
     chosen: set[str] = set()
-    if metric is None:
-        names = set(plan_a.structured) & set(plan_b.structured)
+    scales = uniform_metric(metric, weights)
+    names = set(plan_a.structured) & set(plan_b.structured)
+    if metric is not None:
+        names &= set(scales)
+    if names:
         rows = (_rows(plan_a), _rows(plan_b))
         for name in sorted(names):
             if _structured_is_cheaper(name, plan_a.calls, plan_b.calls, *rows):
@@ -434,7 +440,20 @@ def choose_rules(
     if (plan_a.other or plan_b.other) and not _batch_pass_pays(plan_a, plan_b, chosen, weights):
         return Choice(frozenset(), list(weights), metric, batch_pass=False)
     dense = [n for n in weights if n not in chosen]
-    return Choice(frozenset(chosen), dense, metric)
+    return Choice(frozenset(chosen), dense, metric, scales={n: scales[n] for n in chosen})
+
+
+def uniform_metric(metric: ParamDict | None, weights: ParamDict) -> dict[str, float]:
+    """``{name: M}`` for the parameters whose metric is one constant over all entries (all
+    parameters, with ``M = 1``, when there is no metric)."""
+    if metric is None:
+        return dict.fromkeys(weights, 1.0)
+    scales = {}
+    for name in weights:
+        values = metric[name].reshape(-1)
+        if values.numel() and bool((values == values[0]).all()):
+            scales[name] = float(values[0])
+    return scales
 
 
 def _batch_pass_pays(plan_a: Plan, plan_b: Plan, chosen: set[str], weights: ParamDict) -> bool:
@@ -525,7 +544,9 @@ def _pair_costs(
     return structured, a * b * (1 + forming)
 
 
-def cheaper_than_per_example(a: Property, b: Property, weights: ParamDict) -> bool:
+def cheaper_than_per_example(
+    a: Property, b: Property, weights: ParamDict, metric: ParamDict | None = None
+) -> bool:
     """Whether the structured path is predicted cheaper than per-example gradients for
     ``ntcov(a, b)`` (``strategy='auto'``). Costs one forward and backward pass of one example
     per property (to find the layer calls), nothing of the batch.
@@ -533,7 +554,8 @@ def cheaper_than_per_example(a: Property, b: Property, weights: ParamDict) -> bo
     Per pair of rows, per-example gradients cost ``P``; the structured path costs, per
     parameter, the cheaper rule of the cost model (``numel`` for parameters without a rule).
     The structured path is taken when it predicts at most ``AUTO_MARGIN`` of that work, or when
-    every parameter has a rule (then no per-example ``vmap`` pass runs at all)."""
+    every parameter has a rule (then no per-example ``vmap`` pass runs at all). With a
+    ``metric``, only parameters whose ``M`` is constant have a rule (:func:`choose_rules`)."""
     layouts = []
     for prop in (a, b) if b is not a else (a,):
         pe = prop.per_example
@@ -549,13 +571,14 @@ def cheaper_than_per_example(a: Property, b: Property, weights: ParamDict) -> bo
     calls_a, names_a, rows_a = layouts[0]
     calls_b, names_b, rows_b = layouts[-1]
     total = sum(w.numel() for w in weights.values())
+    ruled = names_a & names_b & set(uniform_metric(metric, weights))  # see choose_rules
     cost = 0.0
     for name, weight in weights.items():
         pair = None
-        if name in names_a and name in names_b:
+        if name in ruled:
             pair = _pair_costs(name, calls_a, calls_b, rows_a, rows_b)
         cost += weight.numel() if pair is None else min(pair[0], weight.numel())
-    every_rule = all(n in names_a and n in names_b for n in weights)
+    every_rule = all(n in ruled for n in weights)
     return (every_rule and cost <= total) or cost <= AUTO_MARGIN * total
 
 
@@ -935,9 +958,11 @@ def _add_call_pair(
             continue
         a2, b2 = pairs_y[name]
         first = cached(a, a2)
+        scale = choice.scales.get(name, 1.0)
         if b.ones and b2.ones:
-            block += first.sum((-2, -1)) if first.shape[-2:] != (1, 1) else first[..., 0, 0]
+            part = first.sum((-2, -1)) if first.shape[-2:] != (1, 1) else first[..., 0, 0]
+            block.add_(part, alpha=scale)
         elif first.shape[-2:] == (1, 1) and (b.positions, b2.positions) == (1, 1):
-            block.addcmul_(first[..., 0, 0], cached(b, b2)[..., 0, 0])
+            block.addcmul_(first[..., 0, 0], cached(b, b2)[..., 0, 0], value=scale)
         else:
-            block += (first * cached(b, b2)).sum((-2, -1))
+            block.add_((first * cached(b, b2)).sum((-2, -1)), alpha=scale)
