@@ -14,7 +14,7 @@ from ntcov import _safeguards as safeguards
 from ntcov.params import select_params
 from tests.zoo import ZOO, Case, assert_close, plain_jacobian
 
-STRATEGIES = ["auto", "jvp", "double_vjp", "per_example", "vjp", "loop"]
+STRATEGIES = [s.value for s in ntcov.Strategy]
 
 
 @pytest.fixture
