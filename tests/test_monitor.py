@@ -224,6 +224,22 @@ def test_report_statistics_are_those_of_the_records(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "report.json").read_text())["properties"] == saved["properties"]
 
 
+def test_a_diverged_run_is_reported_not_hidden(tmp_path: Path, recwarn: object) -> None:
+    """A weight set to nan mid-run: the report counts the non-finite steps and says so."""
+    model, (x, y) = _mlp(), _data()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Monitor(model, {"p": P.probs(model, x[:10], y[:10])}, optimizer=opt, log_dir=tmp_path):
+        for step in range(5):
+            if step == 2:
+                with torch.no_grad():
+                    model[0].weight[0, 0] = float("nan")
+            _train_step(model, opt, *_batch(x, y, step))
+    summary = json.loads((tmp_path / "report.json").read_text())["properties"]["p"]
+    assert summary["steps"] == 5 and summary["nonfinite_steps"] == 3
+    assert "3 of 5 steps have nan or inf values" in (tmp_path / "report.md").read_text()
+    assert not [w for w in recwarn.list if "empty slice" in str(w.message)]  # type: ignore[attr-defined]
+
+
 def test_tensorboard_gets_summary_scalars(tmp_path: Path) -> None:
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -443,3 +443,23 @@ def test_parametrized_and_checkpointed_modules_are_exact(name: str, strategy: st
     }
     for key, value in got.items():
         assert_close(value, expected[key])
+
+
+@pytest.mark.parametrize("flag", ["scale_grad_by_freq", "sparse"])
+@pytest.mark.parametrize("layer", [nn.Embedding, nn.EmbeddingBag])
+def test_embeddings_whose_backward_is_not_the_derivative_are_refused(
+    layer: type[nn.Module], flag: str
+) -> None:
+    """``scale_grad_by_freq`` rescales gradients by token counts (reverse mode would disagree
+    with forward mode and with the derivative); ``sparse`` gives sparse gradients."""
+    torch.manual_seed(0)
+    model = nn.Sequential(layer(20, 6, **{flag: True}), nn.Linear(6, 3)).double()
+    tokens = torch.tensor([[0, 1, 1, 2], [3, 3, 3, 0]])
+    if layer is nn.Embedding:
+        model = nn.Sequential(model[0], nn.Flatten(), nn.Linear(24, 3)).double()
+    prop = Property(model, lambda m: m(tokens)[:, 0], name="first_logit")
+    for strategy in STRATEGIES:
+        with pytest.raises(ValueError, match=f"'0' has {flag}=True.*{flag}=False"):
+            ntcov.ntvar(prop, strategy=strategy)
+    names = [n for n, _ in model.named_parameters() if not n.startswith("0.")]
+    assert ntcov.ntvar(prop, params=names).shape == (2,)  # the embedding left out: fine

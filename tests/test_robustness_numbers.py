@@ -259,3 +259,22 @@ def test_forward_strategies_hold_at_most_16_gradients(
     j = plain_jacobian(mlp.model, lambda m: m(x))
     assert_close(ntcov.ntcov(logits, logits, strategy=strategy), (j @ j.T).reshape(9, 3, 9, 3))
     assert held == [16, 11]
+
+
+@pytest.mark.parametrize("by", ["example", "layer", "group"])
+def test_attribution_and_sketch_refuse_a_loss_with_nan_entries(by: str) -> None:
+    """One non-finite training loss would make every layer and group part nan (and one
+    example's part nan): refused, naming the property."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double().eval()
+    x = torch.randn(6, 3, dtype=torch.float64)
+    x[4, 1] = float("nan")
+    y = torch.tensor([0, 1, 0, 1, 0, 1])
+    p = properties.probs(model, x[:1], y[:1])[0]
+    loss = properties.per_example_loss(model, x, y)
+    groups = y if by == "group" else None
+    with pytest.raises(ValueError, match="attribute: property 'per_example_loss' has non-finite"):
+        ntcov.attribute(p, loss, by=by, groups=groups)
+    if by == "example":
+        with pytest.raises(ValueError, match="sketch_ntcov: property 'per_example_loss' has non"):
+            ntcov.sketch_ntcov(p, loss, dims=4)

@@ -59,6 +59,18 @@ def check_finite_result(
     )
 
 
+def check_finite_outcome(
+    caller: str, result: Tensor, props: Sequence[Property], weights: ParamDict
+) -> Tensor:
+    """``result`` if it is finite; otherwise the error naming the property with non-finite
+    values (evaluated only then), else :func:`check_finite_result`'s."""
+    if result.numel() == 0 or bool(torch.isfinite(result).all()):
+        return result
+    for prop in props:
+        check_finite_value(caller, prop, prop.value(), weights)
+    return check_finite_result(caller, result, props, weights)
+
+
 def check_finite_weights(caller: str, weights: ParamDict) -> None:
     """Refuse weights with ``nan`` or ``inf`` entries, naming the first such parameter."""
     for name, weight in weights.items():

@@ -42,7 +42,7 @@ from typing import Any, ParamSpec, TypeVar
 import torch
 from torch import Tensor
 
-from ntcov import _autodiff
+from ntcov import _autodiff, _safeguards
 from ntcov._choice import as_choice
 from ntcov.covariance import DEFAULT_MEMORY_BUDGET, Strategy, ntcov
 from ntcov.metric import optimizer_step
@@ -370,6 +370,7 @@ def _cotangent_gradients(losses: list[LossBatch], weights: ParamDict, cotangents
     parts = []
     for first, stop, loss in losses:
         out, leaves = _autodiff.evaluate(loss, weights)
+        _safeguards.check_finite_value("attribute", loss, out.detach(), weights)
         parts.append(_batched_vjp(loss, out, leaves, cotangents[:, first:stop].to(out)))
     return {n: torch.stack([p[n] for p in parts]).sum(0) for n in weights}
 
@@ -443,6 +444,8 @@ def _per_example(
             )
             parts.append(cov.reshape(shape.numel(), -1))
     covariance = torch.cat(parts, dim=1)  # [K, N]
+    props = [x, *(loss for _, _, loss in losses)]
+    _safeguards.check_finite_outcome("attribute", covariance, props, plan.weights)
     return (-covariance * example_weights.to(covariance)).reshape(*shape, -1)
 
 
@@ -605,8 +608,10 @@ class TrainingAttribution:
     (and over layers), under the optimizer's real metric. What is not attributed to examples:
     the bias ``J_x b`` (the carried momentum, weight decay), kept as :attr:`bias`; and the
     higher-order terms, measured by :meth:`unexplained`. The step must use the gradient of
-    ``mean_i ℓ_i`` over the batch (e.g. ``CrossEntropyLoss()`` on the batch); the model and the
-    optimizer are never changed.
+    ``mean_i ℓ_i`` over the batch (e.g. ``CrossEntropyLoss()`` on the batch): the parts are
+    computed from ``ℓ``'s own gradients, so gradient clipping, loss scaling or extra loss terms
+    applied to ``p.grad`` are not seen and end up in :meth:`unexplained` (the :class:`Monitor`
+    reads ``p.grad`` and does see them). The model and the optimizer are never changed.
     """
 
     def __init__(

@@ -165,7 +165,13 @@ class Monitor:
         self.properties = _as_properties(model, properties)
         self.update = as_choice(UpdateSource, update, "Monitor", "update")
         if self.update is UpdateSource.OPTIMIZER:  # refuse unsupported optimizers, foreign weights
-            optimizer_step(optimizer, model, {})
+            try:
+                optimizer_step(optimizer, model, {})
+            except TypeError as err:
+                raise TypeError(
+                    f"Monitor: {err} With update='observed' the monitor predicts along the step "
+                    "the optimizer actually takes, which works with any optimizer."
+                ) from err
         self.log_dir = Path(log_dir)
         self._tensorboard, self._fsync, self._hooks = tensorboard, fsync, hooks
         self._file: IO[str] | None = None
@@ -508,6 +514,8 @@ class PropertySummary:
       changes above the rounding floor ``16·eps·max|x|``.
     - ``median_relative_error``: median of ``|pred − act| / |act|`` over the same pairs.
     - ``median_step_relative_error``: median over steps of ``‖pred − act‖ / ‖act‖``.
+    - ``nonfinite_steps``: steps with a ``nan``/``inf`` value, prediction or change (a diverged
+      run); the statistics are over the finite entries only.
     """
 
     steps: int
@@ -516,6 +524,7 @@ class PropertySummary:
     sign_agreement: float
     median_relative_error: float
     median_step_relative_error: float
+    nonfinite_steps: int = 0
 
 
 def read_records(log_dir: str | Path) -> list[dict[str, Any]]:
@@ -557,6 +566,7 @@ def _stacked(records: list[dict[str, Any]], name: str, key: str) -> np.ndarray:
 
 def _summary(pred: np.ndarray, act: np.ndarray, value: np.ndarray, eps: float) -> PropertySummary:
     finite = np.isfinite(pred) & np.isfinite(act)
+    diverged = ~(finite & np.isfinite(value))
     scale = float(np.nanmax(np.abs(value))) if np.isfinite(value).any() else 0.0
     counted = finite & (np.abs(act) > SIGN_ROUNDING * eps * scale)
     ratio = np.abs(pred[counted] - act[counted]) / np.abs(act[counted])
@@ -572,6 +582,7 @@ def _summary(pred: np.ndarray, act: np.ndarray, value: np.ndarray, eps: float) -
         sign_agreement=report.sign_agreement(pred[counted], act[counted]),
         median_relative_error=float(np.median(ratio)) if ratio.size else math.nan,
         median_step_relative_error=float(np.median(per_step)) if per_step else math.nan,
+        nonfinite_steps=int(diverged.any(axis=1).sum()) if diverged.ndim == 2 else 0,
     )
 
 
@@ -604,6 +615,7 @@ def _markdown(
     summaries: Mapping[str, PropertySummary], steps: int, errors: list[float], plotted: bool
 ) -> str:
     headers = ["property", "entries", "R²", "sign agreement", "median rel. error", "median step"]
+    headers.append("non-finite steps")
     rows: list[list[report.Cell]] = [
         [
             name,
@@ -612,9 +624,11 @@ def _markdown(
             s.sign_agreement,
             s.median_relative_error,
             s.median_step_relative_error,
+            s.nonfinite_steps,
         ]
         for name, s in summaries.items()
     ]
+    diverged = max((s.nonfinite_steps for s in summaries.values()), default=0)
     lines = [
         "# ntcov monitor: predicted against actual change per optimizer step",
         "",
@@ -623,9 +637,24 @@ def _markdown(
         "",
         report.format_markdown_table(headers, rows),
     ]
+    if diverged:
+        lines += [
+            "",
+            f"**{diverged} of {steps} steps have nan or inf values, predictions or changes** "
+            "(the run diverged, or a property is undefined there); the statistics above are "
+            "over the finite entries only.",
+        ]
     if plotted:
         lines += ["", f"![predicted against actual]({REPORT_PNG})"]
     return "\n".join(lines) + "\n"
+
+
+def _row_means(values: np.ndarray) -> np.ndarray:
+    """Mean of the finite entries of each row (``nan`` for a row without any)."""
+    finite = np.isfinite(values)
+    counts = finite.sum(1)
+    sums = np.where(finite, values, 0.0).sum(1)
+    return np.divide(sums, counts, out=np.full(len(values), np.nan), where=counts > 0)
 
 
 def _plot(records: list[dict[str, Any]], names: list[str], path: Path) -> None:
@@ -639,7 +668,7 @@ def _plot(records: list[dict[str, Any]], names: list[str], path: Path) -> None:
         report.add_identity_line(axes[row, 0])
         axes[row, 0].set_title(f"{name}: every step and entry")
         report.plot_series_pair(
-            axes[row, 1], steps, np.nanmean(act, 1), np.nanmean(pred, 1), label="mean change"
+            axes[row, 1], steps, _row_means(act), _row_means(pred), label="mean change"
         )
         axes[row, 1].set_xlabel("optimizer step")
         axes[row, 1].set_title(f"{name}: mean over its {pred.shape[1]} entries")

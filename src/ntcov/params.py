@@ -72,6 +72,7 @@ def _check_weights(module: nn.Module, chosen: Mapping[str, Tensor]) -> None:
             f"({listed}); move the model to one device (model.to(device)), or select the "
             "parameters of one device with params=."
         )
+    _check_embeddings(module, set(chosen))
     for name, weight in chosen.items():
         if weight.is_complex():
             raise TypeError(
@@ -91,6 +92,28 @@ def _check_weights(module: nn.Module, chosen: Mapping[str, Tensor]) -> None:
                 f"select_params: parameter {name!r} of {where} is on the meta device (it has no "
                 "values); materialise the model first (module.to_empty(device=...) and "
                 "load_state_dict)."
+            )
+
+
+def _check_embeddings(module: nn.Module, chosen: set[str]) -> None:
+    """Refuse embeddings whose backward pass is not the derivative of their forward pass.
+
+    ``scale_grad_by_freq=True`` divides each row's gradient by its count in the batch (so
+    reverse-mode strategies disagree with forward mode and with the true derivative), and
+    ``sparse=True`` returns sparse gradients that most strategies cannot contract."""
+    for path, sub in module.named_modules():
+        if not isinstance(sub, nn.Embedding | nn.EmbeddingBag):
+            continue
+        weight = f"{path}.weight" if path else "weight"
+        if weight not in chosen:
+            continue
+        flag = "scale_grad_by_freq" if sub.scale_grad_by_freq else "sparse" if sub.sparse else ""
+        if flag:
+            raise ValueError(
+                f"select_params: {type(sub).__name__} {path or '(the model)'!r} has {flag}=True: "
+                f"its backward pass is not the plain derivative of its forward pass, so ntcov "
+                f"would depend on the strategy. Set {flag}=False for the analysis (the weights "
+                f"and the forward pass are unchanged), or leave {weight!r} out with params=."
             )
 
 

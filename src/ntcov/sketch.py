@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 from torch.func import jvp, vmap
 
-from ntcov import _autodiff
+from ntcov import _autodiff, _safeguards
 from ntcov.covariance import DEFAULT_MEMORY_BUDGET
 from ntcov.params import (
     ParamDict,
@@ -202,7 +202,9 @@ def sketch_ntcov(
                 parts_b.append(batched_jvp(b, weights, directions).reshape(-1, shape_b.numel()))
     proj_a = torch.cat(parts_a).T  # [K_a, d]
     proj_b = proj_a if b is None else torch.cat(parts_b).T
-    return Sketch((proj_a @ proj_b.T / dims).reshape(shape_a + shape_b), proj_a, proj_b, dims)
+    matrix = (proj_a @ proj_b.T / dims).reshape(shape_a + shape_b)
+    _safeguards.check_finite_outcome("sketch_ntcov", matrix, (a,) if b is None else (a, b), weights)
+    return Sketch(matrix, proj_a, proj_b, dims)
 
 
 def _prepare(
