@@ -54,13 +54,17 @@ def _train_step(model: nn.Module, opt: torch.optim.Optimizer, xb: Tensor, yb: Te
     opt.step()
 
 
+@pytest.mark.parametrize("update", ["observed", "optimizer"])
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
-def test_predictions_are_predict_step_on_the_minibatch_loss(name: str, tmp_path: Path) -> None:
+def test_predictions_are_predict_step_on_the_minibatch_loss(
+    name: str, update: str, tmp_path: Path
+) -> None:
     model, (x, y) = _mlp(), _data()
     opt = OPTIMIZERS[name](model)
     probs = P.probs(model, x[:10], y[:10])
     expected, actual = [], []
-    with Monitor(model, {"p": probs}, optimizer=opt, log_dir=tmp_path) as monitor:
+    checks = {"update": update, "check_update_every": 1}
+    with Monitor(model, {"p": probs}, optimizer=opt, log_dir=tmp_path, **checks) as monitor:
         for step in range(6):
             xb, yb = _batch(x, y, step)
             opt.zero_grad()
@@ -87,12 +91,19 @@ def test_observed_update_gives_the_same_predictions(tmp_path: Path) -> None:
         model, (x, y) = _mlp(), _data()
         opt = torch.optim.Adam(model.parameters(), lr=1e-2)
         props = {"p": P.probs(model, x[:10], y[:10]), "norm": lambda m: m[0].weight.norm()}
-        with Monitor(model, props, optimizer=opt, log_dir=tmp_path / update, update=update):
+        folder = tmp_path / update
+        with Monitor(
+            model, props, optimizer=opt, log_dir=folder, update=update, check_update_every=3
+        ):
             for step in range(4):
                 _train_step(model, opt, *_batch(x, y, step))
         runs[update] = read_records(tmp_path / update)
-    for first, second in zip(runs["optimizer"], runs["observed"], strict=True):
-        assert second["update_error"] is None
+    for step, (first, second) in enumerate(zip(runs["optimizer"], runs["observed"], strict=True)):
+        assert first["update_error"] < 1e-12
+        if step % 3:  # observed: the optimizer-aware update is checked at steps 0 and 3 only
+            assert second["update_error"] is None
+        else:
+            assert second["update_error"] < 1e-12
         for name in ("p", "norm"):
             for key in ("value", "predicted", "actual"):
                 np.testing.assert_allclose(
@@ -172,7 +183,7 @@ def test_a_closure_step_is_predicted_from_the_gradient_it_computes(tmp_path: Pat
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5)
     probs = P.probs(model, x[:10], y[:10])
     expected = []
-    with Monitor(model, {"p": probs}, optimizer=opt, log_dir=tmp_path):
+    with Monitor(model, {"p": probs}, optimizer=opt, log_dir=tmp_path, check_update_every=1):
         for step in range(3):
             xb, yb = _batch(x, y, step)
             opt.zero_grad()
@@ -302,6 +313,20 @@ def test_a_killed_run_leaves_every_completed_step_readable(tmp_path: Path) -> No
     assert json.loads((log_dir / "report.json").read_text())["steps"] == len(records)
 
 
+def test_an_update_that_cannot_be_modelled_is_not_checked(tmp_path: Path) -> None:
+    model, (x, y) = _mlp(), _data()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, fused=True)
+    probs = P.probs(model, x[:4], y[:4])
+    with Monitor(model, {"p": probs}, optimizer=opt, log_dir=tmp_path, check_update_every=1):
+        _train_step(model, opt, *_batch(x, y, 0))
+        opt.grad_scale = torch.tensor(2.0)  # as a GradScaler leaves it: the step is scaled
+        with pytest.warns(UserWarning, match="cannot be checked against the observed step"):
+            _train_step(model, opt, *_batch(x, y, 1))
+        _train_step(model, opt, *_batch(x, y, 2))
+    errors = [r["update_error"] for r in read_records(tmp_path)]
+    assert errors[0] < 1e-12 and errors[1:] == [None, None]
+
+
 def test_bad_arguments_are_refused(tmp_path: Path) -> None:
     model, other = _mlp(), _mlp()
     x, y = _data()
@@ -319,15 +344,17 @@ def test_bad_arguments_are_refused(tmp_path: Path) -> None:
         Monitor(model, {"p": probs}, optimizer=opt, log_dir=tmp_path, update="after")
     with pytest.raises(TypeError, match="LBFGS is not supported"):
         Monitor(
-            model, {"p": probs}, optimizer=torch.optim.LBFGS(model.parameters()), log_dir=tmp_path
+            model,
+            {"p": probs},
+            optimizer=torch.optim.LBFGS(model.parameters()),
+            log_dir=tmp_path,
+            update="optimizer",
         )
-    Monitor(  # any optimizer works when the update is observed
-        model,
-        {"p": probs},
-        optimizer=torch.optim.LBFGS(model.parameters()),
-        log_dir=tmp_path,
-        update="observed",
+    Monitor(  # any optimizer works when the update is observed (the default)
+        model, {"p": probs}, optimizer=torch.optim.LBFGS(model.parameters()), log_dir=tmp_path
     )
+    with pytest.raises(ValueError, match="check_update_every must be an int >= 0"):
+        Monitor(model, {"p": probs}, optimizer=opt, log_dir=tmp_path, check_update_every=-1)
     with pytest.raises(ValueError, match="not parameters of the Sequential"):
         Monitor(
             model, {"p": probs}, optimizer=torch.optim.SGD(other.parameters()), log_dir=tmp_path

@@ -1,25 +1,29 @@
 """Watch properties change during training: predicted against actual, at every optimizer step.
 
-:class:`Monitor` attaches to a live ``torch.optim`` optimizer. Before each (every ``every``-th)
-step it predicts the change of each named property ``x`` (``[*S]``, ``K`` entries) to first
-order, optimizer-aware (:mod:`ntcov.metric`):
+:class:`Monitor` attaches to a live ``torch.optim`` optimizer. At each (every ``every``-th) step
+it predicts the change of each named property ``x`` (``[*S]``, ``K`` entries) to first order
+along the update ``Δw`` the optimizer makes, and measures the actual change:
 
-    Δx_pred = J_x Δw,      Δw = −M ⊙ g + b
+    Δx_pred = J_x Δw,      Δx = x(w + Δw) − x(w)
 
-with ``M`` and ``b`` read from the optimizer's state and ``g`` the gradient that the user's
-backward pass left in ``p.grad`` — exactly what the optimizer is about to apply, after any
-clipping, whatever the loss. After the step it measures ``Δx = x(w_after) − x(w_before)``.
-Cost per monitored step: :func:`~ntcov.optimizer_step` (elementwise over the ``P`` weights), one
-forward-mode JVP of each property along ``Δw`` (about three forward passes of what the property
-evaluates, independent of ``K``; it also gives ``x(w_before)``), and one forward pass of each
-property after the step.
+Where ``Δw`` comes from (``update``, :class:`UpdateSource`):
 
-``update=UpdateSource.OBSERVED`` takes ``Δw`` from the step itself instead: the weights are
-copied before the step and the JVP is taken at them along ``w_after − w_before`` after it. The
-numbers are the same (the optimizer-aware ``Δw`` matches the real step to rounding, see
-``update_error`` below), it works with any optimizer (LBFGS, Lion, Adafactor...), and it skips
-:func:`~ntcov.optimizer_step` (the cheaper choice for small models); but nothing is known before
-the step.
+- ``"observed"`` (the default): the weights are copied before the step, and after it the JVP is
+  taken at them along ``Δw = w_after − w_before``, the step the optimizer actually made, after
+  any clipping, loss scaling or schedule, with any optimizer (LBFGS, Lion, Adafactor...). For the
+  optimizers :mod:`ntcov.metric` models (SGD, Adam, AdamW, RMSprop, Adagrad), every
+  ``check_update_every``-th monitored step (the first included) also computes the
+  optimizer-aware ``Δw = −M ⊙ g + b`` from ``p.grad`` and the optimizer's state before the step
+  and records how far it is from the step taken (``update_error``, ~1e-7 in float32): the check
+  that the observed update *is* the optimizer-aware one, at a fraction of its cost.
+- ``"optimizer"``: the prediction is made before the step, along ``Δw = −M ⊙ g + b`` read from
+  the optimizer's state (:func:`~ntcov.optimizer_delta`), and ``update_error`` is recorded at
+  every step. It costs one more elementwise pass of the optimizer's arithmetic over the ``P``
+  weights per step.
+
+Cost per monitored step: one forward-mode JVP of each property along ``Δw`` (about three forward
+passes of what the property evaluates, independent of ``K``; it also gives ``x(w_before)``), one
+forward pass of each property after the step, a copy of the weights, and a JSON line.
 
 Properties are evaluated with the model in eval mode (dropout off, BatchNorm on its running
 statistics: the network's function, not one noisy training pass); the mode of every submodule is
@@ -34,8 +38,9 @@ What is written to ``log_dir``:
   progress. A line is ``{"step", "seconds", "update_error", "properties": {name: {"value",
   "predicted", "actual"}}}``; each property's vectors are its ``K`` entries flattened in
   row-major order (shape in ``config.json``), non-finite numbers as ``null``. ``step`` counts
-  optimizer steps from 0; ``update_error`` is ``‖Δw_pred − Δw‖ / ‖Δw‖`` against the step the
-  optimizer actually took (~1e-7 in float32 when the optimizer is modelled exactly).
+  optimizer steps from 0; ``update_error`` is ``‖Δw_pred − Δw‖ / ‖Δw‖`` between the
+  optimizer-aware update and the step the optimizer actually took (~1e-7 in float32 when the
+  optimizer is modelled exactly), ``null`` on steps where it was not checked.
 - ``tensorboard/`` (``tensorboard=True``): summary scalars per step and property under
   ``ntcov/<name>/``: ``predicted`` and ``actual`` for a scalar property; for ``K > 1``
   ``mean_predicted``, ``mean_actual``, ``relative_error`` (``‖pred − act‖ / ‖act‖``) and
@@ -51,6 +56,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -64,7 +70,7 @@ from torch import Tensor, nn
 
 from ntcov import _autodiff, distributed, report
 from ntcov._choice import as_choice
-from ntcov.metric import optimizer_step
+from ntcov.metric import optimizer_delta, optimizer_step, weights_of
 from ntcov.params import ParamDict, select_params
 from ntcov.property import Property
 
@@ -87,9 +93,10 @@ SIGN_ROUNDING = 16  # changes below 16·eps·max|x| are rounding noise: their si
 class UpdateSource(str, Enum):
     """Where :class:`Monitor` takes the update ``Δw`` that it predicts along.
 
+    - ``OBSERVED``: ``Δw = w_after − w_before``, the step the optimizer took (any optimizer); the
+      default.
     - ``OPTIMIZER``: ``Δw = −M ⊙ p.grad + b`` from the optimizer's state, before the step
-      (:func:`~ntcov.optimizer_step`; SGD, Adam, AdamW, RMSprop, Adagrad).
-    - ``OBSERVED``: ``Δw = w_after − w_before``, the step the optimizer took (any optimizer).
+      (:func:`~ntcov.optimizer_delta`; SGD, Adam, AdamW, RMSprop, Adagrad).
     """
 
     OPTIMIZER = "optimizer"
@@ -109,10 +116,12 @@ class _Prediction:
 
 @dataclass(frozen=True, eq=False)
 class _Snapshot:
-    """The weights before a step, for :attr:`UpdateSource.OBSERVED`."""
+    """The weights before a step, for :attr:`UpdateSource.OBSERVED`, and on a checked step the
+    optimizer-aware update ``−M ⊙ g + b`` to compare the step with."""
 
     step: int
     weights: ParamDict
+    modelled: ParamDict | None
 
 
 class Monitor:
@@ -120,8 +129,11 @@ class Monitor:
 
     ``properties`` maps names to :class:`~ntcov.Property` objects of ``model`` or to callables
     ``fn(model) -> Tensor`` (wrapped as ``Property(model, fn)``). ``optimizer`` is the
-    ``torch.optim`` optimizer that trains ``model`` (SGD, Adam, AdamW, RMSprop or Adagrad; see
-    :func:`~ntcov.optimizer_step`). Use it as a context manager around a plain training loop::
+    ``torch.optim`` optimizer that trains ``model``: any optimizer with the default
+    ``update="observed"``; SGD, Adam, AdamW, RMSprop or Adagrad with ``update="optimizer"`` (see
+    :func:`~ntcov.optimizer_delta`), and for the ``update_error`` checks every
+    ``check_update_every``-th step (``0``: never). Use it as a context manager around a plain
+    training loop::
 
         with ntcov.Monitor(model, {"p": p}, optimizer=opt, log_dir="runs/ntcov"):
             for x, y in loader:
@@ -142,7 +154,8 @@ class Monitor:
         optimizer: torch.optim.Optimizer,
         log_dir: str | Path,
         every: int = 1,
-        update: UpdateSource | str = UpdateSource.OPTIMIZER,
+        update: UpdateSource | str = UpdateSource.OBSERVED,
+        check_update_every: int = 100,
         tensorboard: bool = False,
         fsync: bool = False,
         hooks: bool = True,
@@ -159,25 +172,31 @@ class Monitor:
             )
         if not isinstance(every, int) or isinstance(every, bool) or every < 1:
             raise ValueError(f"Monitor: every must be a positive int, got {every!r}.")
+        if (
+            not isinstance(check_update_every, int)
+            or isinstance(check_update_every, bool)
+            or check_update_every < 0
+        ):
+            raise ValueError(
+                "Monitor: check_update_every must be an int >= 0 (0: never), got "
+                f"{check_update_every!r}."
+            )
         self.model, self.optimizer, self.every = model, optimizer, every
         # under torch.distributed only rank 0 predicts and writes; the others stay idle
         self.writes = distributed.rank() == 0
         self.properties = _as_properties(model, properties)
         self.update = as_choice(UpdateSource, update, "Monitor", "update")
-        if self.update is UpdateSource.OPTIMIZER:  # refuse unsupported optimizers, foreign weights
-            try:
-                optimizer_step(optimizer, model, {})
-            except TypeError as err:
-                raise TypeError(
-                    f"Monitor: {err} With update='observed' the monitor predicts along the step "
-                    "the optimizer actually takes, which works with any optimizer."
-                ) from err
+        modelled = _modelled(optimizer, model, required=self.update is UpdateSource.OPTIMIZER)
+        # observed updates are checked against the optimizer-aware one when it is modelled
+        self._check_every = check_update_every if modelled else 0
         self.log_dir = Path(log_dir)
         self._tensorboard, self._fsync, self._hooks = tensorboard, fsync, hooks
         self._file: IO[str] | None = None
         self._board: Any = None
         self._handles: list[Any] = []
         self._pending: _Prediction | _Snapshot | None = None
+        self._delta: ParamDict | None = None  # the buffer Δw is written into, step after step
+        self._weights: ParamDict | None = None  # the buffer the weights are copied into
         self._step, self._recorded, self._start = 0, 0, 0.0
 
     @property
@@ -229,10 +248,15 @@ class Monitor:
         if not self.writes or self._step % self.every != 0:
             return
         if self.update is UpdateSource.OBSERVED:
-            self._pending = _Snapshot(self._step, select_params(self.model))
+            weights = _copy_weights(self.model, self._weights)
+            self._weights = weights  # reused by the next step
+            self._pending = _Snapshot(self._step, weights, self._modelled_update(weights))
             return
         with _evaluation(self.model):
-            self._pending = _predict(self.properties, self.model, self.optimizer, self._step)
+            self._pending = _predict(
+                self.properties, self.model, self.optimizer, self._step, self._delta
+            )
+        self._delta = self._pending.delta  # reused by the next step
 
     def after_step(self) -> None:
         """Measure the step's actual changes and write the step's record."""
@@ -245,7 +269,10 @@ class Monitor:
         error: float | None = None
         with _evaluation(self.model):
             if isinstance(pending, _Snapshot):
-                pending = _along_observed(self.properties, self.model, pending)
+                if pending.modelled is not None:
+                    error = _update_error(self.model, pending.weights, pending.modelled)
+                pending = _along_observed(self.properties, self.model, pending, self._delta)
+                self._delta = pending.delta  # reused by the next step
             else:
                 error = _update_error(self.model, pending.weights, pending.delta)
             after = {name: prop.value() for name, prop in self.properties.items()}
@@ -254,6 +281,24 @@ class Monitor:
         if self._board is not None:
             _log_scalars(self._board, record)
         self._recorded += 1
+
+    def _modelled_update(self, weights: ParamDict) -> ParamDict | None:
+        """On a checked step, the optimizer-aware ``Δw`` for the monitored ``weights``."""
+        checked = self._recorded if self._check_every else -1
+        if checked < 0 or checked % self._check_every != 0:
+            return None
+        grads = {name: p.grad for name, p in self.model.named_parameters()}
+        out = {name: torch.empty_like(w) for name, w in weights.items()}
+        try:
+            return optimizer_delta(self.optimizer, self.model, grads, out=out)
+        except ValueError as err:  # e.g. a GradScaler's scaled step: stop checking, say why once
+            self._check_every = 0
+            warnings.warn(
+                f"Monitor: the optimizer-aware update cannot be checked against the observed "
+                f"step ({err}); update_error is not recorded.",
+                stacklevel=2,
+            )
+            return None
 
     def _pre_hook(
         self, optimizer: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -301,6 +346,7 @@ class Monitor:
             },
             "optimizer": type(self.optimizer).__qualname__,
             "update": self.update.value,
+            "check_update_every": self._check_every,
             "model": type(self.model).__qualname__,
             "every": self.every,
         }
@@ -338,6 +384,26 @@ def _as_properties(model: nn.Module, properties: Mapping[str, PropertyLike]) -> 
     return result
 
 
+def _modelled(optimizer: torch.optim.Optimizer, model: nn.Module, *, required: bool) -> bool:
+    """Whether :func:`~ntcov.optimizer_delta` models ``optimizer`` (an unsupported optimizer or a
+    GradScaler's scaled step raise when ``required``); an optimizer of other weights is always
+    refused."""
+    try:
+        weights_of(optimizer, model)
+    except ValueError as err:
+        raise ValueError(f"Monitor: {err}") from err
+    try:
+        optimizer_step(optimizer, model, {})
+    except (TypeError, ValueError) as err:
+        if required:
+            raise type(err)(
+                f"Monitor: {err} With update='observed' the monitor predicts along the step "
+                "the optimizer actually takes, which works with any optimizer."
+            ) from err
+        return False
+    return True
+
+
 def _values(properties: Mapping[str, Property], model: nn.Module) -> dict[str, Tensor]:
     with _evaluation(model):
         return {name: prop.value() for name, prop in properties.items()}
@@ -348,20 +414,30 @@ def _predict(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     step: int,
+    delta: ParamDict | None,
 ) -> _Prediction:
-    """``x(w)`` and ``J_x Δw`` for every property, ``Δw = −M ⊙ p.grad + b`` (one JVP each)."""
+    """``x(w)`` and ``J_x Δw`` for every property, ``Δw = −M ⊙ p.grad + b`` (one JVP each).
+
+    ``delta`` is the buffer the update is written into (``None``: new tensors); it must hold
+    exactly the monitored weights' names.
+    """
     weights = select_params(model)
     grads = {name: p.grad for name, p in model.named_parameters()}
-    full = optimizer_step(optimizer, model, grads).delta(grads)
-    delta = {name: full[name] for name in weights}
+    if delta is None or delta.keys() != weights.keys():
+        delta = {name: torch.empty_like(w) for name, w in weights.items()}
+    delta = optimizer_delta(optimizer, model, grads, out=delta)
     return _Prediction(step, weights, delta, *_directional(properties, weights, delta))
 
 
 def _along_observed(
-    properties: Mapping[str, Property], model: nn.Module, snapshot: _Snapshot
+    properties: Mapping[str, Property],
+    model: nn.Module,
+    snapshot: _Snapshot,
+    out: ParamDict | None,
 ) -> _Prediction:
-    """``x(w_before)`` and ``J_x (w_after − w_before)``, taken after the step."""
-    delta = _observed_update(model, snapshot.weights)
+    """``x(w_before)`` and ``J_x (w_after − w_before)``, taken after the step (the update is
+    written into ``out`` when it fits)."""
+    delta = _observed_update(model, snapshot.weights, out)
     values, predicted = _directional(properties, snapshot.weights, delta)
     return _Prediction(snapshot.step, snapshot.weights, delta, values, predicted)
 
@@ -379,14 +455,42 @@ def _directional(
     return values, predicted
 
 
-def _observed_update(model: nn.Module, before: ParamDict) -> ParamDict:
-    """``w_after − w_before`` for the weights in ``before``."""
+def _copy_weights(model: nn.Module, buffer: ParamDict | None) -> ParamDict:
+    """Copies of the trainable weights (:func:`select_params`), written into ``buffer`` when it
+    holds the same weights (names and shapes) as last time."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if not _fits(buffer, params):
+        return select_params(model)
+    assert buffer is not None
+    with torch.no_grad():
+        torch._foreach_copy_(list(buffer.values()), [p.detach() for p in params.values()])
+    return buffer
+
+
+def _fits(buffer: ParamDict | None, tensors: Mapping[str, Tensor]) -> bool:
+    """Whether ``buffer`` has the names, shapes and dtypes of ``tensors``."""
+    if buffer is None or buffer.keys() != tensors.keys():
+        return False
+    return all(
+        buffer[n].shape == t.shape and buffer[n].dtype == t.dtype for n, t in tensors.items()
+    )
+
+
+def _observed_update(
+    model: nn.Module, before: ParamDict, out: ParamDict | None = None
+) -> ParamDict:
+    """``w_after − w_before`` for the weights in ``before`` (written into ``out`` when it fits)."""
     params = dict(model.named_parameters())
     names = list(before)
     with torch.no_grad():
         after = [params[name].detach() for name in names]
-        steps = torch._foreach_sub(after, [before[name] for name in names])
-    return dict(zip(names, steps, strict=True))
+        if out is None or not _fits(out, before):
+            steps = torch._foreach_sub(after, [before[name] for name in names])
+            return dict(zip(names, steps, strict=True))
+        buffers = [out[name] for name in names]
+        torch._foreach_copy_(buffers, after)
+        torch._foreach_sub_(buffers, [before[name] for name in names])
+    return out
 
 
 def _update_error(model: nn.Module, before: ParamDict, delta: ParamDict) -> float:

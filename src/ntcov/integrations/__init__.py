@@ -28,9 +28,10 @@ class MonitorSettings:
 
     log_dir: str | Path
     every: int = 1
-    update: UpdateSource | str = UpdateSource.OPTIMIZER
+    update: UpdateSource | str = UpdateSource.OBSERVED
     tensorboard: bool = False
     fsync: bool = False
+    check_update_every: int = 100
 
     def monitor(
         self,
@@ -48,6 +49,7 @@ class MonitorSettings:
             log_dir=self.log_dir,
             every=self.every,
             update=self.update,
+            check_update_every=self.check_update_every,
             tensorboard=self.tensorboard,
             fsync=self.fsync,
             hooks=hooks,

@@ -55,12 +55,15 @@ class NtcovCallback(Callback):  # type: ignore[misc]
         *,
         log_dir: str | Path,
         every: int = 1,
-        update: UpdateSource | str = UpdateSource.OPTIMIZER,
+        update: UpdateSource | str = UpdateSource.OBSERVED,
+        check_update_every: int = 100,
         tensorboard: bool = False,
         fsync: bool = False,
     ) -> None:
         self.properties = dict(properties)
-        self.settings = MonitorSettings(log_dir, every, update, tensorboard, fsync)
+        self.settings = MonitorSettings(
+            log_dir, every, update, tensorboard, fsync, check_update_every=check_update_every
+        )
         self.monitor: Monitor | None = None
 
     def on_train_start(self, trainer: Any, pl_module: nn.Module) -> None:
