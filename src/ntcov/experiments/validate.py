@@ -1,9 +1,11 @@
 """``ntcov validate``: where Price's equation predicts real training steps, and where it stops.
 
 Small networks (:func:`~ntcov.experiments.models.digits_mlp`, :func:`~ntcov.experiments.models.
-digits_cnn`) are trained on scikit-learn's digits (float64) in a grid of *cells*, one factor at a
-time around a baseline (plain SGD, full batch, ``η·λ₀ = 0.5``, where ``λ₀`` is the sharpness
-``λ_max`` of the training loss at initialisation, :func:`ntcov.curvature.sharpness`):
+digits_cnn`, both with tanh: smooth, so that second-order terms exist; ``cnn_activation="relu"``
+shows what ReLU's kinks do to them) are trained on scikit-learn's digits (float64) in a grid of
+*cells*, one factor at a time around a baseline (plain SGD, full batch, ``η·λ₀ = 0.5``, where
+``λ₀`` is the sharpness ``λ_max`` of the training loss at initialisation,
+:func:`ntcov.curvature.sharpness`):
 
 - learning rate: ``η·λ₀ ∈ {0.1, 0.5, 1.0, 1.8}`` (up to the edge of stability ``η·λ_max = 2``);
 - batch size: ``B ∈ {1, 8, 64}`` (and full), at a small rate ``η·λ₀ = 0.02`` so that the

@@ -51,7 +51,7 @@ def build_model(name: str, config: ValidateConfig) -> nn.Module:
     """A fresh model (the same weights for every cell of a model: seeded by ``config.seed``)."""
     if name == "mlp":
         return digits_mlp(hidden=config.hidden, depth=config.depth, seed=config.seed)
-    return digits_cnn(channels=config.channels, seed=config.seed)
+    return digits_cnn(channels=config.channels, seed=config.seed, activation=config.cnn_activation)
 
 
 def prepare_model(name: str, config: ValidateConfig) -> ModelInfo:

@@ -8,6 +8,8 @@ from dataclasses import dataclass, replace
 from statistics import NormalDist
 from typing import Any
 
+from ntcov.experiments.models import CNN_ACTIVATIONS
+
 MODELS = ("mlp", "cnn")
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 SGD_FAMILY = ("sgd", "momentum")
@@ -49,7 +51,10 @@ class ValidateConfig:
     ``minibatch_models`` lists the models that get minibatch cells, ``sharpness_models`` those
     whose SGD cells measure ``λ_max(t)`` every ``sharpness_every`` steps (warm-started power
     iteration, ``sharpness_iterations`` Hessian-vector products). ``threads`` is torch's
-    intra-op thread count during the run (restored afterwards).
+    intra-op thread count during the run (restored afterwards). ``cnn_activation`` is the CNN's
+    nonlinearity: ``"tanh"`` (smooth, like the MLP's) or ``"relu"``, whose kinks the
+    second-order term cannot see (its Hessian is zero between them), so the second-order check
+    (a) does not apply to it: measured at ``η·λ₀ = 0.1`` it cuts the median error 2.6×, not 10×.
     """
 
     models: tuple[str, ...] = MODELS
@@ -76,6 +81,7 @@ class ValidateConfig:
     hidden: int = 64
     depth: int = 2
     channels: int = 8
+    cnn_activation: str = "tanh"
     seed: int = 0
     threads: int = 1
 
@@ -94,6 +100,11 @@ class ValidateConfig:
         _check_choices("minibatch_models", self.minibatch_models, MODELS)
         _check_choices("sharpness_models", self.sharpness_models, MODELS)
         _check_choices("optimizers", self.optimizers, OPTIMIZERS)
+        if self.cnn_activation not in CNN_ACTIVATIONS:
+            raise ValueError(
+                f"ValidateConfig: cnn_activation must be one of {sorted(CNN_ACTIVATIONS)}, got "
+                f"{self.cnn_activation!r}."
+            )
         for name in ("baseline_lr_scale", "minibatch_lr_scale", "scaling_lr_scale", "adam_lr"):
             object.__setattr__(self, name, _positive_float(name, getattr(self, name)))
         object.__setattr__(self, "lr_scales", _positive_floats("lr_scales", self.lr_scales))

@@ -65,6 +65,10 @@ def notes(config: ValidateConfig) -> list[str]:
         "sharpness grows during training (progressive sharpening), so the η·λ_max a run "
         "actually reaches is larger (measured every "
         f"{config.sharpness_every} steps for {', '.join(config.sharpness_models) or 'no model'}).",
+        f"The CNN's activation is {config.cnn_activation} (cnn_activation). The second-order "
+        "term of (a) assumes a smooth network: with ReLU its Hessian is zero between the kinks, "
+        "which it cannot see (measured at η·λ₀ = 0.1: error cut 2.6×, against 175× with tanh, "
+        "while first order holds at R² 0.999 in both).",
         "R² is over the K tracked changes of one step (held-out probabilities and both losses); "
         "the table shows its median over the steps. The training loss's R² in (a) is over the "
         "steps (one change per step).",
