@@ -17,6 +17,7 @@ COMMANDS = {
     "linearity": ["experiment", "linearity"],
     "juice": ["experiment", "juice"],
     "bernoulli": ["experiment", "bernoulli"],
+    "kernel": ["kernel"],
 }
 BAD_VALUES = [
     ("demo", ["--steps", "0"], "argument --steps: expected an integer >= 1, got 0"),
@@ -28,8 +29,12 @@ BAD_VALUES = [
     ("linearity", ["--images", "1"], "LinearityConfig: images must be an integer >= 2, got 1"),
     ("linearity", ["--steps", "x"], "argument --steps: invalid int value: 'x'"),
     ("juice", ["--seed", "-1"], "JuiceConfig: need distractors >= 0, seed >= 0"),
-    ("bernoulli", ["--steps", "0"], "BernoulliConfig: steps must be an integer >= 1, got 0"),
+    ("bernoulli", ["--steps", "0"], "argument --steps: expected an integer >= 1, got 0"),
     ("bernoulli", ["--seed", "-2"], "BernoulliConfig: seed must be an integer >= 0, got -2"),
+    ("kernel", ["--steps", "-3"], "argument --steps: expected an integer >= 0, got -3"),
+    ("kernel", ["--train", "5000"], "--train 5000 exceeds the 1438 training images"),
+    ("kernel", ["--train", "100", "--gram", "200"], "--gram 200 exceeds the 100 training images"),
+    ("kernel", ["--held-out", "400"], "--held-out 400 exceeds the 359 held-out images"),
 ]
 
 
@@ -78,7 +83,8 @@ def test_unwritable_output_folders_are_refused(
         "inside_a_file": tmp_path / "file.txt" / "out",
         "proc": Path("/proc/ntcov-cannot-be-here"),
     }[obstacle]
-    line = _fails_cleanly([*COMMANDS[command], "--out", str(out), "--no-progress"], capsys)
+    quiet = [] if command == "kernel" else ["--no-progress"]  # kernel has no progress bar
+    line = _fails_cleanly([*COMMANDS[command], "--out", str(out), *quiet], capsys)
     assert str(out) in line
     assert "exists and is not a folder" in line or "cannot create the output folder" in line
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -78,3 +79,21 @@ def test_cli_parses_the_experiment(monkeypatch: pytest.MonkeyPatch) -> None:
     args = cli.build_parser().parse_args(["experiment", "bernoulli", "--quick", "--out", "x"])
     assert args.handler is bernoulli.run_from_args
     assert args.quick and args.out == "x"
+
+
+def test_cli_explicit_steps_win_over_quick_and_success_is_reported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    seen: list[BernoulliConfig] = []
+
+    def fake_run(config: BernoulliConfig, out: Any, *, progress: bool) -> dict[str, Any]:
+        seen.append(config)
+        return {"results": {"status": "complete"}, "files": {"verdict": Path(out) / "verdict.md"}}
+
+    monkeypatch.setattr(bernoulli, "run", fake_run)
+    out = tmp_path / "b"
+    assert cli.main(["experiment", "bernoulli", "--quick", "--steps", "7", "--out", str(out)]) == 0
+    assert seen[0].steps == 7 and seen[0] == replace(BernoulliConfig.quick(), steps=7)
+    assert capsys.readouterr().out.strip() == (
+        f"ntcov experiment bernoulli: complete; wrote verdict.md to {out}"
+    )

@@ -602,7 +602,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
     parser.add_argument(
-        "--steps", type=int, default=defaults.steps, help="training steps (default: %(default)s)"
+        "--steps",
+        type=_positive,
+        default=None,
+        help=f"training steps (default: {defaults.steps}; with --quick 30)",
     )
     parser.add_argument("--quick", action="store_true", help="small models, 30 steps")
 
@@ -612,10 +615,19 @@ def run_from_args(args: argparse.Namespace) -> int:
         config = (
             BernoulliConfig.quick(seed=args.seed) if args.quick else BernoulliConfig(seed=args.seed)
         )
-        if args.steps is not None and not args.quick:
+        if args.steps is not None:  # an explicit --steps wins, with --quick too
             config = replace(config, steps=args.steps)
         output_folder(args.out)
     except ValueError as err:
         args.parser.error(str(err))
     result = run(config, args.out, progress=not getattr(args, "no_progress", False))
-    return 130 if result["results"]["status"] == "interrupted" else 0
+    status = result["results"]["status"]
+    files = ", ".join(Path(f).name for f in result["files"].values()) or "nothing"
+    print(f"ntcov experiment bernoulli: {status}; wrote {files} to {args.out}")
+    return 130 if status == "interrupted" else 0
+
+
+def _positive(text: str) -> int:
+    from ntcov.cli import positive_int
+
+    return positive_int(text)

@@ -61,6 +61,7 @@ def trained_model(config: KernelConfig) -> tuple[torch.nn.Module, Any]:
 def compute(config: KernelConfig) -> dict[str, Any]:
     """``influence``, ``gram`` and timings; the same on every rank."""
     model, split = trained_model(config)
+    _check_sizes(config, split.x_train.shape[0], split.x_test.shape[0])
     count = config.train or split.x_train.shape[0]
     x_train, y_train = distributed.shard(split.x_train[:count], split.y_train[:count])
     held = properties.probs(model, split.x_test[: config.held_out], split.y_test[: config.held_out])
@@ -68,7 +69,7 @@ def compute(config: KernelConfig) -> dict[str, Any]:
     start = time.perf_counter()
     influence = distributed.attribute(held, losses, count).values
     middle = time.perf_counter()
-    size = min(config.gram, count)
+    size = config.gram
     x_gram, y_gram = distributed.shard(split.x_train[:size], split.y_train[:size])
     gram = distributed.gram(properties.probs(model, x_gram, y_gram))
     seconds = {"influence": middle - start, "gram": time.perf_counter() - middle}
@@ -113,6 +114,21 @@ def _plot(path: Path, result: dict[str, Any]) -> None:
     report.save_figure(fig, path)
 
 
+def _check_sizes(config: KernelConfig, train: int, held_out: int) -> None:
+    """Refuse sizes the digits split cannot supply (rather than silently using fewer)."""
+    count = config.train or train
+    limits = [
+        ("--held-out", config.held_out, held_out, "held-out images"),
+        ("--train", count, train, "training images"),
+        ("--gram", config.gram, count, "training images in use (--train)"),
+    ]
+    for flag, value, limit, what in limits:
+        if value > limit:
+            raise ValueError(f"{flag} {value} exceeds the {limit} {what}.")
+    if config.steps < 0:
+        raise ValueError(f"--steps must be >= 0, got {config.steps}.")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = KernelConfig()
     parser.add_argument(
@@ -121,7 +137,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--held-out", type=_positive, default=defaults.held_out, help="K")
     parser.add_argument("--train", type=_positive, default=None, help="N (default: all 1,438)")
     parser.add_argument("--gram", type=_positive, default=defaults.gram, help="M")
-    parser.add_argument("--steps", type=int, default=defaults.steps, help="SGD steps first")
+    parser.add_argument(
+        "--steps", type=_non_negative, default=defaults.steps, help="SGD steps first"
+    )
     parser.add_argument("--seed", type=int, default=defaults.seed)
 
 
@@ -131,12 +149,18 @@ def _positive(text: str) -> int:
     return positive_int(text)
 
 
+def _non_negative(text: str) -> int:
+    from ntcov.cli import non_negative_int
+
+    return non_negative_int(text)
+
+
 def run_from_args(args: argparse.Namespace) -> int:
     config = KernelConfig(
         held_out=args.held_out,
         train=args.train or 0,
         gram=args.gram,
-        steps=max(args.steps, 0),
+        steps=args.steps,
         seed=args.seed,
     )
     distributed.init()
@@ -146,7 +170,10 @@ def run_from_args(args: argparse.Namespace) -> int:
             out = output_folder(args.out)
         except ValueError as err:
             args.parser.error(str(err))
-    result = compute(config)
+    try:
+        result = compute(config)
+    except ValueError as err:
+        args.parser.error(str(err))
     if out is not None:
         info = write(out, config, result)
         print(
