@@ -65,7 +65,11 @@ def train_monitored(log_root: str, steps: int = 4) -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
     probs = ntcov.properties.probs(model, split.x_test[:8], split.y_test[:8])
     log_dir = f"{log_root}/rank{dd.rank()}"
-    with ntcov.Monitor(model, {"p": probs}, optimizer=optimizer, log_dir=log_dir):
+    # update="optimizer": the prediction is made from p.grad, the all-reduced gradient
+    monitor = ntcov.Monitor(
+        model, {"p": probs}, optimizer=optimizer, log_dir=log_dir, update="optimizer"
+    )
+    with monitor:
         for _ in range(steps):
             optimizer.zero_grad()
             torch.nn.functional.cross_entropy(trained(x), y).backward()

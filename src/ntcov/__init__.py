@@ -16,7 +16,7 @@ from ntcov.attribution import (
 )
 from ntcov.covariance import Strategy, ntcov, ntvar, rate
 from ntcov.forecast import Forecast, actual_trajectory, forecast, forecast_error, forecast_horizon
-from ntcov.metric import OptimizerStep, optimizer_delta, optimizer_step
+from ntcov.metric import OptimizerStep, optimizer_step
 from ntcov.monitor import Monitor, UpdateSource
 from ntcov.predict import Sampling, StepPrediction, predict_step
 from ntcov.property import Property
@@ -47,7 +47,6 @@ __all__ = [
     "forecast_horizon",
     "ntcov",
     "ntvar",
-    "optimizer_delta",
     "optimizer_step",
     "predict_step",
     "properties",

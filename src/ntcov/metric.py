@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from ntcov.params import ParamDict
 
-__all__ = ["OptimizerStep", "optimizer_delta", "optimizer_step", "weights_of"]
+__all__ = ["OptimizerStep", "optimizer_step", "weights_of"]
 
 GradDict = Mapping[str, Tensor | None]
 Group = dict[str, Any]
@@ -123,150 +123,6 @@ def optimizer_step(
         else:
             metric[name], bias[name] = torch.zeros_like(p.detach()), torch.zeros_like(p.detach())
     return OptimizerStep(metric, bias)
-
-
-def optimizer_delta(
-    optimizer: torch.optim.Optimizer,
-    model: nn.Module,
-    grad: GradDict,
-    *,
-    out: ParamDict | None = None,
-) -> ParamDict:
-    """The update ``Δw`` that ``optimizer.step()`` would make from ``grad`` (not split in M, b).
-
-    The same number as ``optimizer_step(optimizer, model, grad).delta(grad)`` (to rounding),
-    computed in place for SGD, Adam and AdamW: a few elementwise passes over the ``P`` weights
-    and no temporaries beyond one scratch buffer, which is what a monitor that predicts every
-    step wants. ``out`` (``{name: tensor shaped like the parameter}``) receives the update when
-    given (its tensors are written to and returned; the names must be parameters of ``model``);
-    otherwise new tensors are returned for every parameter of ``model``. Parameters the optimizer
-    does not hold, or without a gradient, get ``Δw = 0``.
-    """
-    rule = _rule_for(optimizer)
-    names = _names_by_identity(optimizer, model)
-    params = dict(model.named_parameters())
-    _check_grad(grad, params)
-    _check_no_grad_scaler(optimizer)
-    result = _delta_outputs(params, out)
-    scratch = _Scratch()
-    with torch.no_grad():
-        for name in result:
-            result[name].zero_()
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                name = names[id(p)]
-                g = grad.get(name)
-                if g is None or name not in result:
-                    continue
-                _check_entry(name, p, g)
-                state = optimizer.state.get(p, {})
-                _delta_into(result[name], rule, optimizer, group, state, p, g, scratch)
-    return result
-
-
-def _delta_outputs(params: Mapping[str, Tensor], out: ParamDict | None) -> ParamDict:
-    if out is None:
-        return {name: torch.empty_like(p.detach()) for name, p in params.items()}
-    for name, tensor in out.items():
-        if name not in params or tensor.shape != params[name].shape:
-            expected = list(params[name].shape) if name in params else "a parameter name"
-            raise ValueError(
-                f"optimizer_delta: out[{name!r}] is {list(tensor.shape)}, expected {expected} "
-                "(out maps parameter names of the model to tensors shaped like them)."
-            )
-    return dict(out)
-
-
-class _Scratch:
-    """Temporaries for :func:`_delta_into`: one flat buffer per dtype and device, grown on demand
-    and reused across parameters."""
-
-    def __init__(self) -> None:
-        self._buffers: dict[tuple[torch.dtype, torch.device], Tensor] = {}
-
-    def pair(self, like: Tensor) -> tuple[Tensor, Tensor]:
-        key, n = (like.dtype, like.device), like.numel()
-        buffer = self._buffers.get(key)
-        if buffer is None or buffer.numel() < 2 * n:
-            buffer = self._buffers[key] = torch.empty(2 * n, dtype=like.dtype, device=like.device)
-        return buffer[:n].view_as(like), buffer[n : 2 * n].view_as(like)
-
-
-def _delta_into(
-    out: Tensor,
-    rule: Rule,
-    optimizer: torch.optim.Optimizer,
-    group: Group,
-    state: State,
-    p: Tensor,
-    g: Tensor,
-    scratch: _Scratch,
-) -> None:
-    """Write one parameter's ``Δw`` into ``out``: in place for SGD/Adam/AdamW, else ``b − M g``."""
-    w, g = p.detach(), g.detach()
-    if rule is _rmsprop or rule is _adagrad or g.dtype != w.dtype:
-        metric, bias = _linear_step(rule, optimizer, group, state, p, g)
-        out.copy_(torch.addcmul(bias, metric, g, value=-1))
-        return
-    first, second = scratch.pair(w)
-    effective = _effective_grad(optimizer, group, w, g, first)
-    if rule is _sgd:
-        _sgd_delta(group, state, effective, out)
-    else:
-        _adam_delta(group, state, w, effective, out, second)
-
-
-def _effective_grad(
-    optimizer: torch.optim.Optimizer, group: Group, w: Tensor, g: Tensor, buffer: Tensor
-) -> Tensor:
-    """``g_eff = ±g + λ w`` (into ``buffer`` when it differs from ``g``)."""
-    maximize = bool(group.get("maximize", False))
-    decay = _coupled_weight_decay(optimizer, group)
-    if not maximize and decay == 0:
-        return g
-    effective = torch.neg(g, out=buffer) if maximize else buffer.copy_(g)
-    return effective.add_(w, alpha=decay) if decay != 0 else effective
-
-
-def _sgd_delta(group: Group, state: State, g: Tensor, out: Tensor) -> None:
-    """SGD: ``Δw = −η g_eff`` without momentum, else ``−η (a g_eff + c)`` (see the module doc)."""
-    lr, momentum = _scalar(group["lr"]), _scalar(group["momentum"])
-    buffer = state.get("momentum_buffer") if momentum != 0 else None
-    if buffer is None:
-        first = 1 + momentum if momentum != 0 and group["nesterov"] else 1.0
-        torch.mul(g, -lr * first, out=out)
-        return
-    dampening = _scalar(group["dampening"])
-    if group["nesterov"]:
-        torch.mul(g, 1 + momentum * (1 - dampening), out=out).add_(buffer, alpha=momentum**2)
-    else:
-        torch.mul(g, 1 - dampening, out=out).add_(buffer, alpha=momentum)
-    out.mul_(-lr)
-
-
-def _adam_delta(
-    group: Group, state: State, w: Tensor, g: Tensor, out: Tensor, denom: Tensor
-) -> None:
-    """Adam/AdamW: ``Δw = −η̂ (β₁ m + (1 − β₁) g_eff) / (√(v / (1 − β₂ᵗ)) + ε)`` (plus AdamW's
-    ``−η λ w``), with ``v`` updated by ``g_eff`` as in :func:`_adam`."""
-    eps = _scalar(group["eps"])
-    beta1, beta2 = (_scalar(b) for b in group["betas"])
-    first, old_second = state.get("exp_avg"), state.get("exp_avg_sq")
-    torch.mul(g, g, out=denom).mul_(1 - beta2)
-    if old_second is not None:
-        denom.add_(old_second, alpha=beta2)
-    if group["amsgrad"] and state.get("max_exp_avg_sq") is not None:
-        torch.maximum(state["max_exp_avg_sq"], denom, out=denom)
-    correction1, root_correction2 = _adam_corrections(group, state, beta1, beta2)
-    denom.sqrt_().div_(_exact_scalar(root_correction2, w)).add_(eps)
-    if first is None:
-        torch.mul(g, 1 - beta1, out=out)
-    else:
-        torch.mul(first, beta1, out=out).add_(g, alpha=1 - beta1)
-    out.div_(denom).mul_(_exact_scalar(-(group["lr"] / correction1), w))
-    if group.get("decoupled_weight_decay", False):
-        shrink = _like(1 - group["lr"] * _scalar(group["weight_decay"]), w)
-        out.addcmul_(w, shrink - 1)
 
 
 def _linear_step(
@@ -458,16 +314,6 @@ def _like(value: float | Tensor, w: Tensor) -> Tensor:
     if isinstance(value, Tensor):
         return value.detach().to(w)
     return torch.tensor(value, dtype=w.dtype, device=w.device)
-
-
-def _exact_scalar(value: float | Tensor, w: Tensor) -> float | Tensor:
-    """:func:`_like`, but a Python float when that is the same number: float32 and float64 ops
-    round a Python scalar to the tensor's precision, as ``_like`` does, without a new tensor."""
-    if w.dtype in (torch.float32, torch.float64) and not (
-        isinstance(value, Tensor) and value.device != torch.device("cpu")
-    ):
-        return float(_like(value, w))
-    return _like(value, w)
 
 
 def _scalar(value: float | Tensor) -> float:

@@ -17,7 +17,7 @@ Where ``Δw`` comes from (``update``, :class:`UpdateSource`):
   and records how far it is from the step taken (``update_error``, ~1e-7 in float32): the check
   that the observed update *is* the optimizer-aware one, at a fraction of its cost.
 - ``"optimizer"``: the prediction is made before the step, along ``Δw = −M ⊙ g + b`` read from
-  the optimizer's state (:func:`~ntcov.optimizer_delta`), and ``update_error`` is recorded at
+  the optimizer's state (:func:`~ntcov.optimizer_step`), and ``update_error`` is recorded at
   every step. It costs one more elementwise pass of the optimizer's arithmetic over the ``P``
   weights per step.
 
@@ -70,7 +70,7 @@ from torch import Tensor, nn
 
 from ntcov import _autodiff, distributed, report
 from ntcov._choice import as_choice
-from ntcov.metric import optimizer_delta, optimizer_step, weights_of
+from ntcov.metric import optimizer_step, weights_of
 from ntcov.params import ParamDict, select_params
 from ntcov.property import Property
 
@@ -96,7 +96,7 @@ class UpdateSource(str, Enum):
     - ``OBSERVED``: ``Δw = w_after − w_before``, the step the optimizer took (any optimizer); the
       default.
     - ``OPTIMIZER``: ``Δw = −M ⊙ p.grad + b`` from the optimizer's state, before the step
-      (:func:`~ntcov.optimizer_delta`; SGD, Adam, AdamW, RMSprop, Adagrad).
+      (:func:`~ntcov.optimizer_step`; SGD, Adam, AdamW, RMSprop, Adagrad).
     """
 
     OPTIMIZER = "optimizer"
@@ -131,7 +131,7 @@ class Monitor:
     ``fn(model) -> Tensor`` (wrapped as ``Property(model, fn)``). ``optimizer`` is the
     ``torch.optim`` optimizer that trains ``model``: any optimizer with the default
     ``update="observed"``; SGD, Adam, AdamW, RMSprop or Adagrad with ``update="optimizer"`` (see
-    :func:`~ntcov.optimizer_delta`), and for the ``update_error`` checks every
+    :func:`~ntcov.optimizer_step`), and for the ``update_error`` checks every
     ``check_update_every``-th step (``0``: never). Use it as a context manager around a plain
     training loop::
 
@@ -253,10 +253,7 @@ class Monitor:
             self._pending = _Snapshot(self._step, weights, self._modelled_update(weights))
             return
         with _evaluation(self.model):
-            self._pending = _predict(
-                self.properties, self.model, self.optimizer, self._step, self._delta
-            )
-        self._delta = self._pending.delta  # reused by the next step
+            self._pending = _predict(self.properties, self.model, self.optimizer, self._step)
 
     def after_step(self) -> None:
         """Measure the step's actual changes and write the step's record."""
@@ -287,10 +284,8 @@ class Monitor:
         checked = self._recorded if self._check_every else -1
         if checked < 0 or checked % self._check_every != 0:
             return None
-        grads = {name: p.grad for name, p in self.model.named_parameters()}
-        out = {name: torch.empty_like(w) for name, w in weights.items()}
         try:
-            return optimizer_delta(self.optimizer, self.model, grads, out=out)
+            return _modelled_delta(self.optimizer, self.model, weights)
         except ValueError as err:  # e.g. a GradScaler's scaled step: stop checking, say why once
             self._check_every = 0
             warnings.warn(
@@ -385,7 +380,7 @@ def _as_properties(model: nn.Module, properties: Mapping[str, PropertyLike]) -> 
 
 
 def _modelled(optimizer: torch.optim.Optimizer, model: nn.Module, *, required: bool) -> bool:
-    """Whether :func:`~ntcov.optimizer_delta` models ``optimizer`` (an unsupported optimizer or a
+    """Whether :func:`~ntcov.optimizer_step` models ``optimizer`` (an unsupported optimizer or a
     GradScaler's scaled step raise when ``required``); an optimizer of other weights is always
     refused."""
     try:
@@ -414,19 +409,20 @@ def _predict(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     step: int,
-    delta: ParamDict | None,
 ) -> _Prediction:
-    """``x(w)`` and ``J_x Δw`` for every property, ``Δw = −M ⊙ p.grad + b`` (one JVP each).
-
-    ``delta`` is the buffer the update is written into (``None``: new tensors); it must hold
-    exactly the monitored weights' names.
-    """
+    """``x(w)`` and ``J_x Δw`` for every property, ``Δw = −M ⊙ p.grad + b`` (one JVP each)."""
     weights = select_params(model)
-    grads = {name: p.grad for name, p in model.named_parameters()}
-    if delta is None or delta.keys() != weights.keys():
-        delta = {name: torch.empty_like(w) for name, w in weights.items()}
-    delta = optimizer_delta(optimizer, model, grads, out=delta)
+    delta = _modelled_delta(optimizer, model, weights)
     return _Prediction(step, weights, delta, *_directional(properties, weights, delta))
+
+
+def _modelled_delta(
+    optimizer: torch.optim.Optimizer, model: nn.Module, weights: ParamDict
+) -> ParamDict:
+    """The optimizer-aware update ``−M ⊙ p.grad + b`` of the monitored ``weights``."""
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    full = optimizer_step(optimizer, model, grads).delta(grads)
+    return {name: full[name] for name in weights}
 
 
 def _along_observed(
@@ -459,9 +455,8 @@ def _copy_weights(model: nn.Module, buffer: ParamDict | None) -> ParamDict:
     """Copies of the trainable weights (:func:`select_params`), written into ``buffer`` when it
     holds the same weights (names and shapes) as last time."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    if not _fits(buffer, params):
+    if buffer is None or not _fits(buffer, params):
         return select_params(model)
-    assert buffer is not None
     with torch.no_grad():
         torch._foreach_copy_(list(buffer.values()), [p.detach() for p in params.values()])
     return buffer
