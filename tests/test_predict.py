@@ -427,8 +427,9 @@ def test_single_example_interval_is_the_quantiles_of_the_contributions() -> None
     prediction = ntcov.predict_step(
         s.logits, s.loss, optimizer, batch_size=1, per_example_loss=s.per_example_loss, order=2
     )
-    assert prediction.contributions is not None
-    shifted = prediction.contributions + (prediction.total - prediction.force).unsqueeze(-1)
+    own = prediction.second_contributions  # B = 1: each example's own second-order term
+    assert prediction.contributions is not None and own is not None
+    shifted = prediction.contributions + own + prediction.bias.unsqueeze(-1)
     low, high = prediction.interval(0.9)
     below = (shifted < low.unsqueeze(-1)).double().sum(-1)
     above = (shifted > high.unsqueeze(-1)).double().sum(-1)
@@ -456,3 +457,62 @@ def test_simulated_interval_is_seeded_and_normal_is_available() -> None:
         prediction.interval(method="bootstrap")
     with pytest.raises(ValueError, match="draws"):
         prediction.interval(draws=1)
+
+
+def test_each_example_step_is_predicted_to_second_order_at_batch_size_one() -> None:
+    """``B = 1``, momentum (a bias): for every example ``i``, the real step on ``i`` alone changes
+    the logits by ``bias + c_i + q_i`` up to third order; without ``q_i`` the error is larger
+    (≥ 10× for every example, ~100× typically at this rate). The interval and ``std`` are those
+    of that distribution."""
+    s, optimizer = warmed_up("momentum", 0.03)
+    prediction = ntcov.predict_step(
+        s.logits, s.loss, optimizer, order=2, batch_size=1, per_example_loss=s.per_example_loss
+    )
+    own, forces = prediction.second_contributions, prediction.contributions
+    assert own is not None and forces is not None and own.shape == (10, 3, NUM_TRAIN)
+    start = (copy.deepcopy(s.model.state_dict()), copy.deepcopy(optimizer.state_dict()))
+    ratios = []
+    for i in range(NUM_TRAIN):
+        change = actual_change(s, optimizer, torch.tensor([i]))
+        s.model.load_state_dict(start[0])
+        optimizer.load_state_dict(copy.deepcopy(start[1]))  # step() updates its buffers in place
+        first = change - prediction.bias - forces[..., i]
+        ratios.append(relative(first, change) / relative(first - own[..., i], change))
+    assert min(ratios) > 10, min(ratios)
+    spread = (forces + own).reshape(30, NUM_TRAIN)
+    low, high = prediction.interval(0.95)
+    shifted = spread + prediction.bias.reshape(30, 1)
+    inside = (shifted >= low.reshape(30, 1)) & (shifted <= high.reshape(30, 1))
+    assert torch.all(inside.sum(1) == NUM_TRAIN - 2)  # the quantiles of that distribution
+    assert torch.allclose(prediction.std.reshape(30), spread.std(1, correction=0))
+
+
+def test_per_example_second_order_is_the_loop_of_second_directional_derivatives() -> None:
+    s, _ = warmed_up("momentum", 0.3)
+    weights = select_params(s.model)
+    metric = {n: torch.full_like(w, 0.3) for n, w in weights.items()}
+    bias = {n: torch.randn_like(w) * 1e-2 for n, w in weights.items()}
+    got = ntcov.predict.per_example_second_order(
+        s.logits, s.per_example_loss, weights, metric, bias
+    )
+    for i in (0, 17, NUM_TRAIN - 1):
+        loss_i = properties.loss(s.model, s.x_train[i : i + 1], s.y_train[i : i + 1])
+        (_, leaves) = ntcov._autodiff.evaluate(loss_i, weights)
+        out = loss_i(leaves)
+        grads = torch.autograd.grad(out.reshape(()), list(leaves.values()))
+        step = {n: bias[n] - metric[n] * g for n, g in zip(weights, grads, strict=True)}
+        want = second_directional(s.logits, weights, step)
+        torch.testing.assert_close(got[i], want, rtol=1e-10, atol=1e-14)
+
+
+def test_own_curvature_can_be_skipped_and_the_normal_interval_is_centred_on_its_mean() -> None:
+    s, optimizer = warmed_up("momentum", 0.03)
+    common = {"order": 2, "batch_size": 1, "per_example_loss": s.per_example_loss}
+    skipped = ntcov.predict_step(s.logits, s.loss, optimizer, own_curvature=False, **common)
+    assert skipped.second_contributions is None
+    full = ntcov.predict_step(s.logits, s.loss, optimizer, **common)
+    assert full.second_contributions is not None
+    low, high = full.interval(0.95, method="normal")
+    centre = full.first_order + full.second_contributions.mean(-1)
+    torch.testing.assert_close((low + high) / 2, centre)
+    torch.testing.assert_close((high - low) / 2, NormalDist().inv_cdf(0.975) * full.std)

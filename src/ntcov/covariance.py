@@ -51,7 +51,12 @@ from ntcov.params import (
 )
 from ntcov.property import Property, different_modules
 from ntcov.reference import ntcov_loop
-from ntcov.structured import StructuredUnavailable, cheaper_than_per_example, structured_ntcov
+from ntcov.structured import (
+    StructuredUnavailable,
+    cheaper_than_per_example,
+    discovery_cache,
+    structured_ntcov,
+)
 
 __all__ = ["Strategy", "ntcov", "ntvar", "rate"]
 
@@ -93,7 +98,7 @@ def _with_autograd(fn: Callable[Params, Result]) -> Callable[Params, Result]:
     @functools.wraps(fn)
     def wrapper(*args: Params.args, **kwargs: Params.kwargs) -> Result:
         _autodiff.refuse_inference_mode(fn.__name__)
-        with torch.enable_grad(), _autodiff.one_warning_per_cause():
+        with torch.enable_grad(), _autodiff.one_warning_per_cause(), discovery_cache():
             return fn(*args, **kwargs)
 
     return wrapper

@@ -26,9 +26,15 @@ distribution of the minibatch mean ``c̄_B`` itself: at ``B = 1`` it is exactly 
 ``c_i``, so the interval is the interpolated empirical quantiles of ``{c_i}`` over ``i``; for
 ``B > 1`` the quantiles of ``c̄_B`` over ``draws`` simulated minibatches (seeded; cost
 ``K·N·draws``, using the ``[K, N]`` contributions already computed). Either is shifted by
-``total − force`` — the bias and (``order=2``) the second-order term of the *mean* step, an
-approximation: a minibatch step has its own curvature term, negligible next to the noise at small
-learning rates.
+``total − force`` — the bias and (``order=2``) the second-order term of the *mean* step.
+
+A minibatch step has its own curvature term. At ``B = 1`` (``order=2``) it is computed for every
+example: ``q_i = ½ Δw_iᵀ H_x Δw_i`` with ``Δw_i = −M ∇ℓ_i + b`` (``second_contributions``,
+``[*S, N]``; ``N`` nested JVPs, vectorised), so the distribution of the change over the draw of
+the example is exact to second order: the interval is ``bias + q(c_i + q_i)`` and ``std`` that of
+``c_i + q_i``. On digits at ``η·λ₀ = 0.02`` this is what takes the 95% coverage at ``B = 1`` from
+0.90 to 0.94: a single example's gradient is large, and so is its own curvature term. For
+``B > 1`` the mean step's term is used (the noise dominates there).
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ from statistics import NormalDist
 
 import torch
 from torch import Tensor
-from torch.func import jvp
+from torch.func import jvp, vmap
 
 from ntcov import _autodiff
 from ntcov._choice import as_choice
@@ -86,6 +92,8 @@ class StepPrediction:
     - ``std``: the minibatch standard deviation of the change (zeros for a full batch).
     - ``contributions``: the per-example forces ``c_i = J_x M (−∇ℓ_i)``, ``[*S, N]`` (with
       ``batch_size``; their mean over ``i`` is ``force``), else ``None``.
+    - ``second_contributions``: at ``B = 1`` with ``order=2``, each example's own second-order
+      term ``q_i = ½ Δw_iᵀ H_x Δw_i``, ``Δw_i = −M ∇ℓ_i + b``, ``[*S, N]``; else ``None``.
     """
 
     value: Tensor
@@ -97,6 +105,7 @@ class StepPrediction:
     batch_size: int | None
     contributions: Tensor | None = None
     sampling: Sampling = Sampling.WITHOUT_REPLACEMENT
+    second_contributions: Tensor | None = None
 
     @property
     def total(self) -> Tensor:
@@ -126,24 +135,35 @@ class StepPrediction:
     ) -> tuple[Tensor, Tensor]:
         """Central prediction interval ``(lower, upper)``, ``[*S]`` each.
 
-        ``NORMAL``: ``total ± z·std``. ``EMPIRICAL`` (needs ``contributions``; without them, a
-        full batch, it is the normal one): ``total − force + q_{(1∓level)/2}(c̄_B)``, with the
-        quantiles of the minibatch mean ``c̄_B`` exact at ``B = 1`` and estimated from ``draws``
-        simulated minibatches (``torch.Generator`` seeded with ``seed``) for ``B > 1``.
+        ``NORMAL``: ``total ± z·std`` (at ``B = 1`` with ``second_contributions``, centred on
+        ``first_order + mean_i q_i`` instead). ``EMPIRICAL`` (needs ``contributions``; without
+        them, a full batch, it is the normal one): ``total − force + q_{(1∓level)/2}(c̄_B)``, with
+        the quantiles of the minibatch mean ``c̄_B`` exact at ``B = 1`` and estimated from ``draws``
+        simulated minibatches (``torch.Generator`` seeded with ``seed``) for ``B > 1``. With
+        ``second_contributions`` (``B = 1``, ``order=2``): ``bias + q_{(1∓level)/2}(c_i + q_i)``.
         """
         if not 0 < level < 1:
             raise ValueError(f"StepPrediction.interval: level must be in (0, 1), got {level}.")
         chosen = _as_interval_method(method)
         if chosen is IntervalMethod.NORMAL or self.contributions is None or not self.std.any():
             z = NormalDist().inv_cdf(0.5 + level / 2)
-            return self.total - z * self.std, self.total + z * self.std
+            centre = self.total
+            if self.second_contributions is not None:  # B = 1: the mean of c_i + q_i, + bias
+                centre = self.first_order + self.second_contributions.mean(-1)
+            return centre - z * self.std, centre + z * self.std
         if not isinstance(draws, int) or isinstance(draws, bool) or draws < 2:
             raise ValueError(f"StepPrediction.interval: draws must be an int >= 2, got {draws!r}.")
-        means = _minibatch_means(
-            self.contributions, self.batch_size or 1, self.sampling, draws, seed
-        )
+        if self.second_contributions is not None:  # B = 1: each example's own curvature
+            means = (self.contributions + self.second_contributions).reshape(
+                -1, self.contributions.shape[-1]
+            )
+            shift = self.bias
+        else:
+            means = _minibatch_means(
+                self.contributions, self.batch_size or 1, self.sampling, draws, seed
+            )
+            shift = self.total - self.force
         low, high = _quantiles(means, (0.5 - level / 2, 0.5 + level / 2))
-        shift = self.total - self.force
         return shift + low.reshape(shift.shape), shift + high.reshape(shift.shape)
 
 
@@ -156,6 +176,7 @@ def predict_step(
     order: int = 1,
     per_example_loss: Property | None = None,
     sampling: Sampling | str = Sampling.WITHOUT_REPLACEMENT,
+    own_curvature: bool = True,
 ) -> StepPrediction:
     """Predict the change of ``x`` when ``optimizer`` steps on the gradient of ``loss``.
 
@@ -165,8 +186,13 @@ def predict_step(
     (``[N]``, whose mean is ``loss``) gives the minibatch standard deviation ``std``.
     Parameters that ``loss`` does not use have no gradient, so the optimizer skips them.
 
+    With ``batch_size=1`` and ``order=2``, ``own_curvature`` (default) also computes each
+    example's own second-order term ``second_contributions`` (see the module docstring), which
+    the interval and ``std`` then include.
+
     Cost: one backward pass of ``loss``, one or two JVPs of ``x``; a nested JVP for
-    ``order=2``; ``ntcov(x, per_example_loss)`` (``[*S, N]``) for the minibatch noise.
+    ``order=2``; ``ntcov(x, per_example_loss)`` (``[*S, N]``) for the minibatch noise; ``N``
+    nested JVPs of ``x`` for ``own_curvature`` at ``B = 1``.
     """
     _check_properties(x, loss, per_example_loss)
     if order not in (1, 2):
@@ -184,14 +210,68 @@ def predict_step(
     if order == 2:
         delta = {n: force_direction[n] + bias_direction[n] for n in weights}
         second = 0.5 * second_directional(x, weights, delta)
-    std, contributions = torch.zeros_like(force), None
+    std, contributions, own = torch.zeros_like(force), None, None
     if batch_size is not None and per_example_loss is not None and count is not None:
         metric = _restrict(step.metric, weights)
         contributions = -ntcov(x, per_example_loss, metric=metric)  # [*S, N]
-        std = _minibatch_std(contributions, batch_size, chosen)
+        if order == 2 and batch_size == 1 and own_curvature:
+            own = 0.5 * per_example_second_order(
+                x, per_example_loss, weights, metric, bias_direction
+            ).movedim(0, -1)  # [N, *S] -> [*S, N], as the contributions
+        spread = contributions if own is None else contributions + own
+        std = _minibatch_std(spread, batch_size, chosen)
     return StepPrediction(
-        value, force, bias, force + bias, second, std, batch_size, contributions, chosen
+        value, force, bias, force + bias, second, std, batch_size, contributions, chosen, own
     )
+
+
+PER_EXAMPLE_CHUNK = 64  # examples whose second directional derivatives are vectorised together
+
+
+def per_example_second_order(
+    x: Property,
+    per_example_loss: Property,
+    weights: ParamDict,
+    metric: ParamDict,
+    bias: ParamDict,
+) -> Tensor:
+    """``Δw_iᵀ H_x Δw_i`` with ``Δw_i = −M ⊙ ∇ℓ_i + b`` for every example ``i``, ``[N, *S]``.
+
+    The gradients ``∇ℓ_i`` come as Jacobian rows of ``ℓ`` (``PER_EXAMPLE_CHUNK`` at a time);
+    each chunk's second directional derivatives of ``x`` are one vectorised forward-over-forward
+    JVP (a loop of them where ``vmap`` cannot run the model). Cost: ``N`` nested JVPs of ``x``.
+    """
+    rows = (
+        _autodiff.per_example_rows
+        if per_example_loss.per_example is not None
+        else _autodiff.vjp_rows
+    )
+    parts = []
+    for _, chunk in rows(per_example_loss, weights, PER_EXAMPLE_CHUNK):
+        steps = {n: bias[n] - metric[n] * chunk[n] for n in weights}
+        parts.append(_second_directionals(x, weights, steps))
+    return torch.cat(parts)
+
+
+def _second_directionals(prop: Property, weights: ParamDict, directions: ParamDict) -> Tensor:
+    """:func:`second_directional` along each row of ``directions`` (``{name: [c, *p]}``),
+    ``[c, *S]``."""
+
+    def along(direction: ParamDict) -> Tensor:
+        return jvp(lambda w: jvp(prop, (w,), (direction,))[1], (weights,), (direction,))[1]
+
+    _autodiff._load_forward_ad()
+    try:
+        with _autodiff.composite_attention():
+            return vmap(along, randomness="same")(directions).detach()
+    except (RuntimeError, NotImplementedError):
+        count = next(iter(directions.values())).shape[0]
+        return torch.stack(
+            [
+                second_directional(prop, weights, {n: d[i] for n, d in directions.items()})
+                for i in range(count)
+            ]
+        )
 
 
 def second_directional(prop: Property, weights: ParamDict, direction: ParamDict) -> Tensor:

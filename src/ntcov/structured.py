@@ -44,6 +44,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -64,7 +65,12 @@ from ntcov.structured_layers import (
     weighted_gradient,
 )
 
-__all__ = ["StructuredUnavailable", "cheaper_than_per_example", "structured_ntcov"]
+__all__ = [
+    "StructuredUnavailable",
+    "cheaper_than_per_example",
+    "discovery_cache",
+    "structured_ntcov",
+]
 
 CHECK_SEED = 0
 CHECK_EXAMPLES = 32  # the rows of these first examples must add up to their batch gradient
@@ -354,10 +360,46 @@ def _discover(
     """Run the property on example 0 with every supported layer recomputed from detached
     weights: the calls in order, and the selected weights still reached by the backward pass
     (used outside the supported calls). Its value must be row 0 of the batch value."""
-    calls, out, leaves = _first_example_calls(prop, pe, weights)
-    if isinstance(out, Tensor) and not agree(out.detach(), 0):
+    calls, out, reached = _first_example_layout(prop, pe, weights)
+    if isinstance(out, Tensor) and not agree(out, 0):
         raise _not_per_example(prop, "example 0 alone")
-    return calls, _still_reached(out, leaves)
+    return calls, reached
+
+
+Layout = tuple[list["CallSpec"], Tensor, set[str]]
+_LAYOUTS: ContextVar[dict[tuple[int, int], Layout] | None] = ContextVar(
+    "ntcov_structured_layouts", default=None
+)
+
+
+@contextmanager
+def discovery_cache() -> Iterator[None]:
+    """Inside the block, each property's first-example layout (:func:`_first_example_layout`)
+    is found once per weight selection: ``auto``'s cost model and the plan share it. Nested
+    blocks share the outermost one's cache."""
+    if _LAYOUTS.get() is not None:
+        yield
+        return
+    token = _LAYOUTS.set({})
+    try:
+        yield
+    finally:
+        _LAYOUTS.reset(token)
+
+
+def _first_example_layout(prop: Property, pe: PerExample, weights: ParamDict) -> Layout:
+    """The supported layer calls of example 0, its output (detached), and the selected weights
+    its backward pass still reaches outside those calls (cached inside :func:`discovery_cache`,
+    keyed by the property and the weights dict, both alive for the whole block)."""
+    cache, key = _LAYOUTS.get(), (id(prop), id(weights))
+    if cache is not None and key in cache:
+        return cache[key]
+    calls, out, leaves = _first_example_calls(prop, pe, weights)
+    detached = out.detach() if isinstance(out, Tensor) else out
+    layout = (calls, detached, _still_reached(out, leaves))
+    if cache is not None:
+        cache[key] = layout
+    return layout
 
 
 def _first_example_calls(
@@ -562,10 +604,10 @@ def cheaper_than_per_example(
         if pe is None:
             return False
         try:
-            calls, out, leaves = _first_example_calls(prop, pe, weights)
+            calls, out, reached = _first_example_layout(prop, pe, weights)
         except StructuredUnavailable:
             return False
-        structured, _ = _split(calls, _still_reached(out, leaves), weights)
+        structured, _ = _split(calls, reached, weights)
         rows = (pe.num_examples, max(1, out[0].numel()) if out.dim() > 0 else 1)
         layouts.append((calls, set(structured), rows))
     calls_a, names_a, rows_a = layouts[0]

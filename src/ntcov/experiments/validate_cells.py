@@ -225,8 +225,11 @@ def predict(setup: Setup, cell: Cell, *, verify_plain: bool = False) -> dict[str
                 order=2,
                 batch_size=cell.batch_size,
                 per_example_loss=tracked.per_example_loss,
+                # each example's own curvature (B = 1) for the held-out probabilities; for the
+                # two losses it would cost N nested JVPs over the whole training set per step
+                own_curvature=index == 0,
             )
-            for group in tracked.groups
+            for index, group in enumerate(tracked.groups)
         ]
     intervals = [s.interval(INTERVAL_LEVEL) for s in steps]
     plain, identity_error = _joined(steps, lambda s: s.force), None

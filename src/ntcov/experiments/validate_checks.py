@@ -81,9 +81,9 @@ def check_a(runs: Sequence[CellRun], count: int, *, measured: bool = False) -> C
     """
     key = "a_measured" if measured else "a"
     title = (
-        "(a′) full-batch GD, measured η·λ_max(t) < 1 throughout"
+        "(a′) full-batch GD, measured η·λ_max(t) < 1 throughout (the criterion)"
         if measured
-        else "(a) full-batch GD, η·λ₀ < 1"
+        else "(a) full-batch GD, η·λ₀ < 1 at initialisation (runs may sharpen past 1)"
     )
     criterion = (
         f"1st-order R² ≥ {R2_IDEAL} (probabilities: median per step; training loss: over "
