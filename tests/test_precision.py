@@ -42,3 +42,13 @@ def test_accumulating_widens_only_narrow_floats() -> None:
     assert accumulating(torch.zeros(2, dtype=torch.float16)).dtype == torch.float32
     assert accumulating(torch.zeros(2, dtype=torch.float64)).dtype == torch.float64
     assert accumulating(torch.zeros(2, dtype=torch.int8)).dtype == torch.int8
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_result_dtype_does_not_depend_on_the_strategy(dtype: torch.dtype) -> None:
+    low = _model().to(dtype)
+    prop = _first_logit(low, torch.randn(6, 8).to(dtype))
+    for strategy in ntcov.Strategy:
+        assert ntcov.ntcov(prop, prop, strategy=strategy).dtype == torch.float32, strategy
+        assert ntcov.ntvar(prop, strategy=strategy).dtype == torch.float32, strategy
+    assert ntcov.ntcov(prop[:0], prop).dtype == torch.float32  # an empty side

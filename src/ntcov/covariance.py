@@ -120,7 +120,9 @@ def ntcov(
     submodules); the others are held fixed. ``memory_budget`` (bytes) bounds the Jacobian rows
     held at once by the row-based strategies. ``metric`` (a dict of tensors shaped like the
     selected parameters) gives ``J_a diag(M) J_bᵀ``, the covariance under an optimizer's metric.
-    Works inside ``torch.no_grad()``; an empty property gives an empty result.
+    Works inside ``torch.no_grad()``; an empty property gives an empty result. For bf16/fp16
+    models the result is float32 whatever the strategy (the row strategies also accumulate in
+    float32).
     """
     chosen, weights = _prepare("ntcov", a, b, params, strategy)
     _check_metric("ntcov", metric, weights)
@@ -133,7 +135,7 @@ def ntcov(
     _check_result_fits("ntcov", shapes[0] + shapes[1], values[0])
     if chosen is Strategy.LOOP:
         _check_loop_fits((a, b), shapes, weights)
-        loop = ntcov_loop(a, b, params=params, metric=metric)
+        loop = _autodiff.accumulating(ntcov_loop(a, b, params=params, metric=metric))
         return _safeguards.check_finite_result("ntcov", loop, (a, b), weights)
     if chosen is Strategy.AUTO:
         chosen = _auto(a, b, shapes, weights, metric)
@@ -146,6 +148,7 @@ def ntcov(
         chunk = _rows_per_chunk(weights, budget)
         out = _ntcov_rows(a, b, weights, chosen, chunk, metric)
     out = out.reshape(shapes[0] + shapes[1])  # a tuple: both may be scalars
+    out = _autodiff.accumulating(out)  # the same dtype whichever strategy ran
     return _safeguards.check_finite_result("ntcov", out, (a, b), weights)
 
 
@@ -242,7 +245,8 @@ def _check_loop_fits(
 
 def _empty(shape: torch.Size, a: Tensor, b: Tensor) -> Tensor:
     """The result when one side has no entries: zeros of ``shape`` (which has no entries)."""
-    return torch.zeros(shape, dtype=torch.promote_types(a.dtype, b.dtype), device=a.device)
+    empty = torch.zeros(shape, dtype=torch.promote_types(a.dtype, b.dtype), device=a.device)
+    return _autodiff.accumulating(empty)
 
 
 def _check_memory_budget(caller: str, memory_budget: object) -> int:
