@@ -463,3 +463,35 @@ def test_embeddings_whose_backward_is_not_the_derivative_are_refused(
             ntcov.ntvar(prop, strategy=strategy)
     names = [n for n, _ in model.named_parameters() if not n.startswith("0.")]
     assert ntcov.ntvar(prop, params=names).shape == (2,)  # the embedding left out: fine
+
+
+def test_embedding_bag_without_forward_mode_or_double_backward_is_still_exact() -> None:
+    """``nn.EmbeddingBag`` has neither forward-mode AD nor double backward: ``rate``, the JVP
+    strategy and ``predict_step`` fall back to Jacobian rows (with a warning) and agree with the
+    brute-force Jacobian; the second-order term and ``strategy='double_vjp'`` say why they
+    cannot run."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.EmbeddingBag(20, 6, mode="mean"), nn.Tanh(), nn.Linear(6, 2))
+    model = model.double().eval()
+    tokens, labels = torch.randint(0, 20, (4, 3)), torch.tensor([0, 1, 1, 0])
+
+    def first_logit(m: nn.Module) -> Tensor:
+        return m(tokens)[:, 0]
+
+    def mean_loss(m: nn.Module) -> Tensor:
+        return F.cross_entropy(m(tokens), labels)
+
+    x, loss = Property(model, first_logit), Property(model, mean_loss)
+    j, j_loss = plain_jacobian(model, first_logit), plain_jacobian(model, mean_loss)
+    with pytest.warns(FallbackWarning, match="neither forward-mode AD nor double backward"):
+        assert_close(ntcov.rate(x, loss), -(j @ j_loss.T).reshape(4))
+    with pytest.warns(FallbackWarning, match="from the Jacobian's rows"):
+        assert_close(ntcov.ntcov(x, x, strategy="jvp"), j @ j.T)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with pytest.warns(FallbackWarning):
+        first = ntcov.predict_step(x, loss, optimizer).first_order
+    assert_close(first, -0.1 * (j @ j_loss.T).reshape(4))
+    with pytest.warns(FallbackWarning), pytest.raises(RuntimeError, match="use order=1"):
+        ntcov.predict_step(x, loss, optimizer, order=2)
+    with pytest.raises(RuntimeError, match="strategy='vjp'"):
+        ntcov.rate(x, loss, strategy="double_vjp")

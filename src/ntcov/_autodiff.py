@@ -186,15 +186,12 @@ def directional(
 
     Cost: about three forward passes (the network and its tangent run together). Ops without
     forward-mode AD (fused attention kernels) fall back to the exact double-VJP trick,
-    ``J v = ∂/∂u (uᵀ J v)``, with a warning.
+    ``J v = ∂/∂u (uᵀ J v)``, with a warning; ops without double backward either
+    (``nn.EmbeddingBag``) to ``J``'s rows by ``K`` backward passes, with a warning.
+    ``force_reverse`` (the ``double_vjp`` strategy) uses the double-VJP trick or fails.
     """
-    refuse_inference_mode(f"property {prop.name!r}")
-    if not force_reverse:
-        try:
-            return _directional_forward(prop, params, tangent)
-        except NotImplementedError as err:
-            _warn_fallback(prop, err)
-    return _directional_double_vjp(prop, params, tangent)
+    value, (column,) = _directional_values(prop, params, [tangent], force_reverse=force_reverse)
+    return value, column
 
 
 def directions(
@@ -202,20 +199,80 @@ def directions(
 ) -> list[Tensor]:
     """``J_x v`` for each tangent ``v`` (each ``[*S]``), as :func:`directional`.
 
-    Once forward mode has failed for one tangent, the others go straight to the double-VJP
-    fallback: one warning and one failed attempt, not one per tangent.
+    Once a method has failed for one tangent, the others go straight to the next fallback: one
+    warning and one failed attempt, not one per tangent.
     """
-    columns = []
-    for tangent in tangents:
-        if not force_reverse:
+    listed = list(tangents)
+    if not listed:
+        return []
+    return _directional_values(prop, params, listed, force_reverse=force_reverse)[1]
+
+
+def _directional_values(
+    prop: Property, params: ParamDict, tangents: list[ParamDict], *, force_reverse: bool
+) -> tuple[Tensor, list[Tensor]]:
+    """``x(w)`` and ``J_x v`` per tangent (at least one), trying forward mode, then the
+    double-VJP trick, then Jacobian rows (see :func:`directional`)."""
+    refuse_inference_mode(f"property {prop.name!r}")
+    value = torch.empty(0)  # set by the first tangent
+    columns: list[Tensor] = []
+    method = "double_vjp" if force_reverse else "forward"
+    for index, tangent in enumerate(tangents):
+        if method == "forward":
             try:
-                columns.append(_directional_forward(prop, params, tangent)[1])
+                value, column = _directional_forward(prop, params, tangent)
+                columns.append(column)
                 continue
             except NotImplementedError as err:
                 _warn_fallback(prop, err)
-                force_reverse = True
-        columns.append(_directional_double_vjp(prop, params, tangent)[1])
-    return columns
+                method = "double_vjp_fallback"
+        if method != "rows":
+            try:
+                value, column = _directional_double_vjp(prop, params, tangent)
+                columns.append(column)
+                continue
+            except NotTwiceDifferentiable as err:
+                if method == "double_vjp":  # asked for explicitly
+                    raise
+                _warn_rows_fallback(prop, err)
+                method = "rows"
+        value, rest = _directional_rows(prop, params, tangents[index:])
+        columns += rest
+        break
+    return value, columns
+
+
+def _directional_rows(
+    prop: Property, params: ParamDict, tangents: list[ParamDict]
+) -> tuple[Tensor, list[Tensor]]:
+    """``x(w)`` and ``J v`` per tangent from the rows of ``J`` (``K`` backward passes, chunked
+    under the default row budget): ``(J v)_k = Σ_blocks J_k · v``."""
+    out = evaluate(prop, params)[0].detach()
+    chunk = max(1, ROWS_PER_CHUNK)
+    columns = [torch.zeros(out.numel(), dtype=out.dtype, device=out.device) for _ in tangents]
+    for start, rows in vjp_rows(prop, params, chunk):
+        for column, tangent in zip(columns, tangents, strict=True):
+            count = next(iter(rows.values())).shape[0]
+            products = [(rows[n].reshape(count, -1) @ tangent[n].reshape(-1)) for n in rows]
+            column[start : start + count] = torch.stack(products).sum(0)
+    return out, [c.reshape(out.shape) for c in columns]
+
+
+ROWS_PER_CHUNK = 64  # Jacobian rows held at once by the last-resort JVP (_directional_rows)
+
+
+class NotTwiceDifferentiable(RuntimeError):
+    """The property's backward pass has no derivative of its own (no double backward)."""
+
+
+def _warn_rows_fallback(prop: Property, err: Exception) -> None:
+    _warn(
+        "double-backward",
+        prop,
+        f"neither forward-mode AD nor double backward is available for property {prop.name!r} "
+        f"({_first_line(err.__cause__ or err)}); computing J v from the Jacobian's rows instead "
+        "(same numbers, one backward pass per entry of the property).",
+    )
 
 
 def _directional_forward(
@@ -263,11 +320,12 @@ def _directional_double_vjp(
     return out.detach(), result
 
 
-def _not_twice_differentiable(prop: Property, err: Exception) -> RuntimeError:
-    return RuntimeError(
+def _not_twice_differentiable(prop: Property, err: Exception) -> NotTwiceDifferentiable:
+    return NotTwiceDifferentiable(
         f"double-VJP: the backward pass of property {prop.name!r} is not differentiable "
         f"({_first_line(err)}), so J v cannot be computed by reverse-over-reverse. Use "
-        "strategy='jvp' (forward mode) or strategy='vjp' (rows by backward passes) instead."
+        "strategy='vjp' (rows by backward passes), or the default strategy, which falls back "
+        "to them."
     )
 
 
@@ -277,7 +335,7 @@ def _check_linear(prop: Property, inner: Tensor, jv: Tensor, scale: Tensor) -> N
     part of ``J v`` would be silently missing; that breaks this identity."""
     tolerance = torch.finfo(jv.dtype).eps ** 0.5 * scale
     if (inner - jv.sum()).abs() > tolerance:
-        raise RuntimeError(
+        raise NotTwiceDifferentiable(
             f"double-VJP: the backward pass of property {prop.name!r} is not differentiable "
             "(an op without double backward, or an autograd.Function marked "
             "once_differentiable), so J v cannot be computed by reverse-over-reverse. Use "
@@ -308,7 +366,7 @@ def _custom_function(err: Exception) -> str:
     return found
 
 
-def _first_line(err: Exception) -> str:
+def _first_line(err: BaseException) -> str:
     return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 

@@ -294,7 +294,21 @@ def second_directional(prop: Property, weights: ParamDict, direction: ParamDict)
 
 
 def _second_directional_reverse(prop: Property, weights: ParamDict, direction: ParamDict) -> Tensor:
-    """``vᵀ H_k v`` by three reverse passes: ``∂/∂u [v · ∇_w (uᵀ J v)]`` (linear in ``u``)."""
+    """``vᵀ H_k v`` by three reverse passes: ``∂/∂u [v · ∇_w (uᵀ J v)]`` (linear in ``u``); a
+    clear ``RuntimeError`` when the model's backward pass has no derivative of its own."""
+    try:
+        return _reverse_cubed(prop, weights, direction)
+    except (RuntimeError, NotImplementedError) as err:
+        if isinstance(err, _autodiff.NotTwiceDifferentiable) or "derivative for" in str(err):
+            raise RuntimeError(
+                f"predict_step: the second-order term of property {prop.name!r} needs "
+                "forward-over-forward AD or double backward, and this model has neither "
+                f"({_autodiff._first_line(err)}); use order=1."
+            ) from err
+        raise
+
+
+def _reverse_cubed(prop: Property, weights: ParamDict, direction: ParamDict) -> Tensor:
     with _autodiff.composite_attention():
         out, leaves = _autodiff.evaluate(prop, weights)
     probe = torch.ones_like(out, requires_grad=True)
