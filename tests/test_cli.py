@@ -134,3 +134,12 @@ def test_module_runs_as_a_program() -> None:
         check=False,
     )
     assert done.returncode == 0 and done.stdout.strip() == f"ntcov {ntcov.__version__}"
+
+
+def test_kernel_with_fewer_than_three_training_images(tmp_path: Path) -> None:
+    out = tmp_path / "k"
+    argv = ["kernel", "--out", str(out), "--train", "2", "--gram", "2", "--held-out", "2"]
+    assert cli.main([*argv, "--steps", "0"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["shapes"] == {"influence": [2, 2], "gram": [2, 2]}
+    assert [len(row) for row in summary["most_helpful_training_images"]] == [2, 2]

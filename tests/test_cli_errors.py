@@ -35,6 +35,9 @@ BAD_VALUES = [
     ("kernel", ["--train", "5000"], "--train 5000 exceeds the 1438 training images"),
     ("kernel", ["--train", "100", "--gram", "200"], "--gram 200 exceeds the 100 training images"),
     ("kernel", ["--held-out", "400"], "--held-out 400 exceeds the 359 held-out images"),
+    ("kernel", ["--seed", "-1"], "argument --seed: expected an integer >= 0, got -1"),
+    # refused before the (long) training, not after it
+    ("kernel", ["--train", "5000", "--steps", "100000"], "--train 5000 exceeds the 1438"),
 ]
 
 

@@ -11,6 +11,7 @@ import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -367,3 +368,82 @@ def test_bad_arguments_are_refused(tmp_path: Path) -> None:
     with monitor, pytest.raises(RuntimeError, match="already running"):
         monitor.start()
     assert not opt._optimizer_step_pre_hooks
+
+
+def test_lbfgs_closure_is_watched_from_the_weights_before_the_step(tmp_path: Path) -> None:
+    """LBFGS runs the closure several times per step: the weights are copied once, after its
+    first run, so value and actual change are those of the whole step."""
+    model, (x, y) = _mlp(), _data()
+    opt = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=5)
+    probs = P.probs(model, x[:10], y[:10])
+    befores, changes = [], []
+    with Monitor(model, {"p": probs}, optimizer=opt, log_dir=tmp_path):
+        for step in range(3):
+            xb, yb = _batch(x, y, step)
+
+            def closure(xb: Tensor = xb, yb: Tensor = yb) -> Tensor:
+                opt.zero_grad()
+                loss = nn.functional.cross_entropy(model(xb), yb)
+                loss.backward()
+                return loss
+
+            befores.append(probs.value())
+            opt.step(closure)
+            changes.append(probs.value() - befores[-1])
+    records = read_records(tmp_path)
+    assert [r["step"] for r in records] == [0, 1, 2]
+    for record, before, change in zip(records, befores, changes, strict=True):
+        entry = record["properties"]["p"]
+        torch.testing.assert_close(torch.tensor(entry["value"], dtype=DTYPE), before)
+        torch.testing.assert_close(torch.tensor(entry["actual"], dtype=DTYPE), change)
+
+
+class _SubclassedSGD(torch.optim.SGD):
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        return super().step(closure)
+
+
+def test_a_subclass_calling_super_step_is_one_step(tmp_path: Path) -> None:
+    """torch fires the step hooks for the subclass's step and again for SGD.step inside it."""
+    torch.optim.SGD(_mlp().parameters(), lr=0.1)  # patches SGD.step with torch's hook wrapper
+    model, (x, y) = _mlp(), _data()
+    opt = _SubclassedSGD(model.parameters(), lr=0.1)
+    with Monitor(model, {"p": P.probs(model, x[:4], y[:4])}, optimizer=opt, log_dir=tmp_path):
+        for step in range(4):
+            _train_step(model, opt, *_batch(x, y, step))
+    assert [r["step"] for r in read_records(tmp_path)] == [0, 1, 2, 3]
+
+
+def test_a_step_that_raises_does_not_stop_the_monitor(tmp_path: Path) -> None:
+    model, (x, y) = _mlp(), _data()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def failing() -> Tensor:
+        raise ArithmeticError("a closure that fails")
+
+    with Monitor(model, {"p": P.probs(model, x[:4], y[:4])}, optimizer=opt, log_dir=tmp_path):
+        _train_step(model, opt, *_batch(x, y, 0))
+        with pytest.raises(ArithmeticError):
+            opt.step(failing)
+        _train_step(model, opt, *_batch(x, y, 1))
+    assert [r["step"] for r in read_records(tmp_path)] == [0, 1]
+
+
+def test_manual_calls_out_of_order_and_a_shared_log_dir_are_refused(tmp_path: Path) -> None:
+    model, (x, y) = _mlp(), _data()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    props = {"p": P.probs(model, x[:4], y[:4])}
+    monitor = Monitor(model, props, optimizer=opt, log_dir=tmp_path, hooks=False)
+    with monitor:
+        with pytest.raises(RuntimeError, match="after_step: called without before_step"):
+            monitor.after_step()
+        monitor.before_step()
+        with pytest.raises(RuntimeError, match="before_step: called again before after_step"):
+            monitor.before_step()
+        opt.step()
+        monitor.after_step()
+        with pytest.raises(ValueError, match="is in use by another running monitor"):
+            Monitor(model, props, optimizer=opt, log_dir=tmp_path).start()
+    assert monitor.steps_recorded == 1
+    with Monitor(model, props, optimizer=opt, log_dir=tmp_path):  # free again once closed
+        pass

@@ -510,6 +510,8 @@ def test_own_curvature_can_be_skipped_and_the_normal_interval_is_centred_on_its_
     common = {"order": 2, "batch_size": 1, "per_example_loss": s.per_example_loss}
     skipped = ntcov.predict_step(s.logits, s.loss, optimizer, own_curvature=False, **common)
     assert skipped.second_contributions is None
+    with pytest.raises(TypeError, match="own_curvature must be True or False, got 'no'"):
+        ntcov.predict_step(s.logits, s.loss, optimizer, own_curvature="no", **common)  # type: ignore[arg-type]
     full = ntcov.predict_step(s.logits, s.loss, optimizer, **common)
     assert full.second_contributions is not None
     low, high = full.interval(0.95, method="normal")

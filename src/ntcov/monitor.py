@@ -55,6 +55,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -62,6 +63,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
+from types import FrameType
 from typing import IO, Any
 
 import numpy as np
@@ -196,6 +198,8 @@ class Monitor:
         self._handles: list[Any] = []
         self._pending: _Prediction | _Snapshot | None = None
         self._delta: ParamDict | None = None  # the buffer Δw is written into, step after step
+        self._between = False  # before_step ran and after_step has not yet
+        self._outer: FrameType | None = None  # the optimizer.step call the hooks are inside
         self._weights: ParamDict | None = None  # the buffer the weights are copied into
         self._step, self._recorded, self._start = 0, 0, 0.0
 
@@ -218,8 +222,13 @@ class Monitor:
         if not self.writes:
             return
         folder = _output_folder(self.log_dir)
-        report.write_json(folder / CONFIG_FILE, {}, config=self._config(), seed=0)
-        self._file = open(folder / STEPS_FILE, "w", encoding="utf-8")  # noqa: SIM115
+        _claim(folder)
+        try:
+            report.write_json(folder / CONFIG_FILE, {}, config=self._config(), seed=0)
+            self._file = open(folder / STEPS_FILE, "w", encoding="utf-8")  # noqa: SIM115
+        except BaseException:
+            _release(folder)
+            raise
         try:
             self._board = _summary_writer(folder / TENSORBOARD_DIR) if self._tensorboard else None
             if self._hooks:
@@ -231,6 +240,7 @@ class Monitor:
             self._detach()
             raise
         self._step, self._recorded, self._pending = 0, 0, None
+        self._between, self._outer = False, None
         self._start = time.perf_counter()
 
     def close(self) -> Path | None:
@@ -243,8 +253,26 @@ class Monitor:
 
     def before_step(self) -> None:
         """Predict the coming step's changes from ``p.grad`` and the optimizer's state
-        (``UpdateSource.OBSERVED``: copy the weights)."""
-        self._pending = None
+        (``UpdateSource.OBSERVED``: copy the weights). Call it right before ``optimizer.step()``
+        and :meth:`after_step` right after: anything else is refused."""
+        if self._between:
+            raise RuntimeError(
+                "Monitor.before_step: called again before after_step; call before_step() right "
+                "before optimizer.step() and after_step() right after it, once per step."
+            )
+        self._before()
+
+    def after_step(self) -> None:
+        """Measure the step's actual changes and write the step's record."""
+        if not self._between:
+            raise RuntimeError(
+                "Monitor.after_step: called without before_step; call before_step() right "
+                "before optimizer.step() and after_step() right after it, once per step."
+            )
+        self._after()
+
+    def _before(self) -> None:
+        self._pending, self._between = None, True
         if not self.writes or self._step % self.every != 0:
             return
         if self.update is UpdateSource.OBSERVED:
@@ -255,9 +283,8 @@ class Monitor:
         with _evaluation(self.model):
             self._pending = _predict(self.properties, self.model, self.optimizer, self._step)
 
-    def after_step(self) -> None:
-        """Measure the step's actual changes and write the step's record."""
-        pending, self._pending = self._pending, None
+    def _after(self) -> None:
+        pending, self._pending, self._between = self._pending, None, False
         self._step += 1
         if pending is None:
             return
@@ -299,15 +326,26 @@ class Monitor:
         self, optimizer: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
         """Predict now, or, when ``step`` gets a closure (which runs the backward pass, as in
-        Lightning), right after the closure has run."""
+        Lightning), right after the closure's first run (LBFGS runs it several times a step).
+
+        Once per ``optimizer.step()``: an optimizer subclass whose ``step`` calls
+        ``super().step()`` fires the hooks again inside it, and those are ignored; a step that
+        raised before its post-hook leaves nothing behind (its pending record is dropped)."""
+        if self._outer is not None and _on_stack(self._outer):
+            return None  # super().step() inside the step being monitored
+        self._outer = sys._getframe(1)  # torch's wrapper that calls this hook and the post-hook
+        self._pending, self._between = None, False  # a previous step that raised
         closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
         if closure is None:
-            self.before_step()
+            self._before()
             return None
+        first = [True]
 
         def closure_then_predict() -> Any:
             result = closure()
-            self.before_step()
+            if first[0]:
+                first[0] = False
+                self._before()
             return result
 
         if "closure" in kwargs:
@@ -317,13 +355,17 @@ class Monitor:
     def _post_hook(
         self, optimizer: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> None:
-        self.after_step()
+        if sys._getframe(1) is not self._outer:
+            return  # the post-hook of a nested super().step()
+        self._outer = None
+        if self._between:  # False when the closure never ran
+            self._after()
 
     def _detach(self) -> None:
         """Remove the hooks and close the files (safe to call twice)."""
         for handle in self._handles:
             handle.remove()
-        self._handles, self._pending = [], None
+        self._handles, self._pending, self._between, self._outer = [], None, False, None
         try:
             if self._board is not None:
                 self._board.close()
@@ -331,6 +373,7 @@ class Monitor:
             self._board = None
             if self._file is not None:
                 self._file.close()
+                _release(self.log_dir)
             self._file = None
 
     def _config(self) -> dict[str, Any]:
@@ -377,6 +420,34 @@ def _as_properties(model: nn.Module, properties: Mapping[str, PropertyLike]) -> 
                 f"Tensor, got {type(prop).__name__}."
             )
     return result
+
+
+_RUNNING: set[Path] = set()  # the log_dirs of the monitors running in this process
+
+
+def _claim(folder: Path) -> None:
+    """Refuse a ``log_dir`` that a running monitor of this process writes to."""
+    key = folder.resolve()
+    if key in _RUNNING:
+        raise ValueError(
+            f"Monitor: log_dir {str(folder)!r} is in use by another running monitor; give each "
+            "monitor its own log_dir."
+        )
+    _RUNNING.add(key)
+
+
+def _release(folder: Path) -> None:
+    _RUNNING.discard(Path(folder).resolve())
+
+
+def _on_stack(frame: FrameType) -> bool:
+    """Whether ``frame`` is one of the frames the current call is running inside."""
+    current: FrameType | None = sys._getframe(1)
+    while current is not None:
+        if current is frame:
+            return True
+        current = current.f_back
+    return False
 
 
 def _modelled(optimizer: torch.optim.Optimizer, model: nn.Module, *, required: bool) -> bool:

@@ -195,6 +195,10 @@ def predict_step(
     nested JVPs of ``x`` for ``own_curvature`` at ``B = 1``.
     """
     _check_properties(x, loss, per_example_loss)
+    if not isinstance(own_curvature, bool):
+        raise TypeError(
+            f"predict_step: own_curvature must be True or False, got {own_curvature!r}."
+        )
     if order not in (1, 2):
         raise ValueError(f"predict_step: order must be 1 or 2, got {order!r}.")
     chosen = _as_sampling(sampling)
@@ -376,6 +380,8 @@ def _jvp_unless_zero(
 def _minibatch_std(contributions: Tensor, batch_size: int, sampling: Sampling) -> Tensor:
     """``√(Var_i(c_i) / B · f)`` over the ``N`` examples of ``contributions`` ``[*S, N]``."""
     count = contributions.shape[-1]
+    if contributions.numel() == 0:  # an empty property: no spread (and no torch warning)
+        return contributions.new_zeros(contributions.shape[:-1])
     variance = contributions.reshape(-1, count).var(dim=1, correction=0)
     factor = 1.0
     if sampling is Sampling.WITHOUT_REPLACEMENT:

@@ -47,8 +47,10 @@ class KernelConfig:
 
 
 def trained_model(config: KernelConfig) -> tuple[torch.nn.Module, Any]:
-    """The digits MLP after ``config.steps`` full-batch SGD steps, with the data split."""
+    """The digits MLP after ``config.steps`` full-batch SGD steps, with the data split (the sizes
+    in ``config`` are checked against it before any training)."""
     split = load_digits_split(seed=config.seed)
+    _check_sizes(config, split.x_train.shape[0], split.x_test.shape[0])
     model = digits_mlp(hidden=config.hidden, depth=2, seed=config.seed)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr)
     for _ in range(config.steps):
@@ -61,7 +63,6 @@ def trained_model(config: KernelConfig) -> tuple[torch.nn.Module, Any]:
 def compute(config: KernelConfig) -> dict[str, Any]:
     """``influence``, ``gram`` and timings; the same on every rank."""
     model, split = trained_model(config)
-    _check_sizes(config, split.x_train.shape[0], split.x_test.shape[0])
     count = config.train or split.x_train.shape[0]
     x_train, y_train = distributed.shard(split.x_train[:count], split.y_train[:count])
     held = properties.probs(model, split.x_test[: config.held_out], split.y_test[: config.held_out])
@@ -78,7 +79,7 @@ def compute(config: KernelConfig) -> dict[str, Any]:
 
 def summary(config: KernelConfig, result: dict[str, Any]) -> dict[str, Any]:
     influence = result["influence"]
-    top = influence.topk(3, dim=1)
+    top = influence.topk(min(3, influence.shape[1]), dim=1)
     return {
         "world_size": distributed.world_size(),
         "shapes": {"influence": list(influence.shape), "gram": list(result["gram"].shape)},
@@ -140,7 +141,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--steps", type=_non_negative, default=defaults.steps, help="SGD steps first"
     )
-    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--seed", type=_non_negative, default=defaults.seed)
 
 
 def _positive(text: str) -> int:
