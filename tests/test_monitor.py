@@ -447,3 +447,26 @@ def test_manual_calls_out_of_order_and_a_shared_log_dir_are_refused(tmp_path: Pa
     assert monitor.steps_recorded == 1
     with Monitor(model, props, optimizer=opt, log_dir=tmp_path):  # free again once closed
         pass
+
+
+def test_a_skipped_step_has_an_infinite_update_error_not_a_missing_one(tmp_path: Path) -> None:
+    """A step the optimizer skips (as a GradScaler does after an overflow) moves nothing while
+    the modelled update is not zero: "inf", told apart from an unchecked step (null)."""
+    model, (x, y) = _mlp(), _data()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    props = {"p": P.probs(model, x[:4], y[:4])}
+    with Monitor(
+        model, props, optimizer=opt, log_dir=tmp_path, hooks=False, check_update_every=1
+    ) as monitor:
+        for skip in (False, True):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            monitor.before_step()
+            if not skip:
+                opt.step()
+            monitor.after_step()
+    errors = [r["update_error"] for r in read_records(tmp_path)]
+    assert errors[0] < 1e-12 and errors[1] == "inf"
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert saved["nonfinite_update_errors"] == 1
+    assert "largest update error ‖Δw_pred − Δw‖/‖Δw‖: inf" in (tmp_path / "report.md").read_text()

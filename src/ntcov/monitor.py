@@ -40,7 +40,9 @@ What is written to ``log_dir``:
   row-major order (shape in ``config.json``), non-finite numbers as ``null``. ``step`` counts
   optimizer steps from 0; ``update_error`` is ``‖Δw_pred − Δw‖ / ‖Δw‖`` between the
   optimizer-aware update and the step the optimizer actually took (~1e-7 in float32 when the
-  optimizer is modelled exactly), ``null`` on steps where it was not checked.
+  optimizer is modelled exactly), ``null`` on steps where it was not checked, and the string
+  ``"inf"`` or ``"nan"`` when the step taken was zero but the modelled one was not (a step the
+  optimizer skipped).
 - ``tensorboard/`` (``tensorboard=True``): summary scalars per step and property under
   ``ntcov/<name>/``: ``predicted`` and ``actual`` for a scalar property; for ``K > 1``
   ``mean_predicted``, ``mean_actual``, ``relative_error`` (``‖pred − act‖ / ‖act‖``) and
@@ -607,9 +609,10 @@ def _record(
     return {
         "step": prediction.step,
         "seconds": round(seconds, 6),
+        # not checked: null; no agreement at all (a step the optimizer skipped): "inf"/"nan"
         "update_error": update_error
         if update_error is None or math.isfinite(update_error)
-        else None,
+        else repr(update_error),
         "properties": entries,
     }
 
@@ -645,7 +648,7 @@ def _log_scalars(board: Any, record: Mapping[str, Any]) -> None:
     """Summary scalars of one record (see the module docstring for the tags)."""
     step = record["step"]
     if record["update_error"] is not None:
-        board.add_scalar("ntcov/update_error", record["update_error"], step)
+        board.add_scalar("ntcov/update_error", float(record["update_error"]), step)
     for name, entry in record["properties"].items():
         pred, act = _array(entry["predicted"]), _array(entry["actual"])
         if pred.size == 1:
@@ -766,10 +769,11 @@ def write_report(log_dir: str | Path) -> Path:
     config = json.loads(config_path.read_text(encoding="utf-8"))["config"]
     records = read_records(folder)
     summaries = summarize(records, config)
-    errors = [r["update_error"] for r in records if r["update_error"] is not None]
+    errors = [float(r["update_error"]) for r in records if r["update_error"] is not None]
     results = {
         "steps": len(records),
         "max_update_error": max(errors) if errors else None,
+        "nonfinite_update_errors": sum(not math.isfinite(e) for e in errors),
         "properties": summaries,
     }
     report.write_json(folder / REPORT_JSON, results, config=config, seed=0)
