@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -143,3 +144,36 @@ def test_kernel_with_fewer_than_three_training_images(tmp_path: Path) -> None:
     summary = json.loads((out / "summary.json").read_text())
     assert summary["shapes"] == {"influence": [2, 2], "gram": [2, 2]}
     assert [len(row) for row in summary["most_helpful_training_images"]] == [2, 2]
+
+
+@pytest.mark.parametrize(
+    ("module", "argv", "wanted"),
+    [
+        ("attribute", ["attribute", "--quick", "--steps", "3", "--top-k", "2"], (3, 2, 300)),
+        ("minilm", ["experiment", "minilm", "--quick", "--steps", "2", "--layers", "2"], (2, 2, 8)),
+    ],
+)
+def test_explicit_options_win_over_quick(
+    module: str,
+    argv: list[str],
+    wanted: tuple[int, int, int],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The last number shows --quick still applies (its smaller training set)."""
+    import importlib
+
+    experiment = importlib.import_module(f"ntcov.experiments.{module}")
+    seen: list[Any] = []
+
+    def fake_run(config: Any, out: Any, *, progress: bool) -> dict[str, Any]:
+        seen.append(config)
+        raise KeyboardInterrupt  # stop here: only the configuration is under test
+
+    monkeypatch.setattr(experiment, "run", fake_run)
+    cli.main([*argv, "--out", str(tmp_path / "out")])
+    config = seen[0]
+    if module == "attribute":
+        assert (config.steps, config.top_k, config.train_examples) == wanted
+    else:
+        assert (config.steps, config.trainable_layers, config.train_pairs) == wanted

@@ -354,7 +354,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="held-out image index (default: %(default)s)",
     )
     parser.add_argument(
-        "--steps", type=int, default=defaults.steps, help="training steps (default: %(default)s)"
+        "--steps",
+        type=int,
+        default=None,
+        help=f"training steps (default: {defaults.steps}; with --quick 8)",
     )
     parser.add_argument(
         "--lr", type=float, default=defaults.lr, help="learning rate (default: %(default)s)"
@@ -369,7 +372,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--batch-size", type=int, default=None, help="minibatch size (default: full batch)"
     )
     parser.add_argument(
-        "--top-k", type=int, default=defaults.top_k, help="images per row (default: %(default)s)"
+        "--top-k", type=int, default=None, help=f"images per row (default: {defaults.top_k})"
     )
     parser.add_argument(
         "--seed", type=int, default=defaults.seed, help="seed (default: %(default)s)"
@@ -388,8 +391,9 @@ def run_from_args(args: argparse.Namespace) -> int:
             "seed": args.seed,
             "batch_size": args.batch_size,
         }
-        if not args.quick:
-            changes |= {"steps": args.steps, "top_k": args.top_k}
+        for name in ("steps", "top_k"):  # explicit values win over --quick
+            if getattr(args, name) is not None:
+                changes[name] = getattr(args, name)
         config = replace(base, **changes)
         payload = run(config, args.out, progress=not getattr(args, "no_progress", False))
     except ValueError as err:

@@ -892,8 +892,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--layers",
         type=int,
-        default=defaults.trainable_layers,
-        help="fine-tune the last LAYERS of the 6 transformer layers (default: %(default)s)",
+        default=None,
+        help=f"fine-tune the last LAYERS of the 6 transformer layers (default: "
+        f"{defaults.trainable_layers}; with --quick 1)",
     )
     parser.add_argument(
         "--dtype", choices=list(DTYPES), default=defaults.dtype, help="(default: %(default)s)"
@@ -918,12 +919,11 @@ def run_from_args(args: argparse.Namespace) -> int:
             "seed": args.seed,
             "attribute": not args.no_attribution,
         }
-        if args.steps is not None:
+        if args.steps is not None:  # explicit --steps and --layers win over --quick
             changes["steps"] = args.steps
-        if args.quick:
-            config = MiniLMConfig.quick(**changes)
-        else:
-            config = MiniLMConfig(trainable_layers=args.layers, **changes)
+        if args.layers is not None:
+            changes["trainable_layers"] = args.layers
+        config = MiniLMConfig.quick(**changes) if args.quick else MiniLMConfig(**changes)
         payload = run(config, args.out, progress=not getattr(args, "no_progress", False))
     except ValueError as err:
         args.parser.error(str(err))
