@@ -178,6 +178,27 @@ def test_every_kth_step_is_recorded(tmp_path: Path) -> None:
     assert [r["step"] for r in read_records(tmp_path)] == [0, 3, 6]
 
 
+def test_a_monitor_started_again_continues_its_run(tmp_path: Path) -> None:
+    """A ``with monitor:`` block per epoch: the second block appends, steps keep counting and
+    the report covers both; a new monitor on the same folder starts a new run."""
+    model, (x, y) = _mlp(), _data()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    monitor = Monitor(model, {"p": P.probs(model, x[:5], y[:5])}, optimizer=opt, log_dir=tmp_path)
+    for epoch in range(2):
+        with monitor:
+            for step in range(3):
+                _train_step(model, opt, *_batch(x, y, 3 * epoch + step))
+    records = read_records(tmp_path)
+    assert [r["step"] for r in records] == list(range(6))
+    assert monitor.steps_recorded == 6
+    seconds = [r["seconds"] for r in records]
+    assert seconds == sorted(seconds)
+    assert json.loads((tmp_path / "report.json").read_text())["steps"] == 6
+    with Monitor(model, {"p": P.probs(model, x[:5], y[:5])}, optimizer=opt, log_dir=tmp_path):
+        _train_step(model, opt, *_batch(x, y, 0))
+    assert [r["step"] for r in read_records(tmp_path)] == [0]
+
+
 def test_a_closure_step_is_predicted_from_the_gradient_it_computes(tmp_path: Path) -> None:
     """As in Lightning: ``step(closure)`` runs the backward pass inside the step."""
     model, (x, y) = _mlp(), _data()

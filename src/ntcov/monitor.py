@@ -204,6 +204,7 @@ class Monitor:
         self._outer: FrameType | None = None  # the optimizer.step call the hooks are inside
         self._weights: ParamDict | None = None  # the buffer the weights are copied into
         self._step, self._recorded, self._start = 0, 0, 0.0
+        self._started = False  # True once start() has run: a later start() continues
 
     @property
     def steps_recorded(self) -> int:
@@ -218,16 +219,23 @@ class Monitor:
         self.close()
 
     def start(self) -> None:
-        """Write ``config.json``, open ``steps.jsonl`` (truncated) and attach the step hooks."""
+        """Write ``config.json``, open ``steps.jsonl`` and attach the step hooks.
+
+        The first start begins a new run (``steps.jsonl`` truncated); starting the same monitor
+        again after :meth:`close` (a ``with monitor:`` block per epoch) continues it: records
+        are appended, ``step`` keeps counting and the report covers every block."""
         if self._file is not None:
             raise RuntimeError("Monitor.start: the monitor is already running.")
         if not self.writes:
             return
         folder = _output_folder(self.log_dir)
         _claim(folder)
+        resumed = self._started and (folder / STEPS_FILE).exists()
         try:
-            report.write_json(folder / CONFIG_FILE, {}, config=self._config(), seed=0)
-            self._file = open(folder / STEPS_FILE, "w", encoding="utf-8")  # noqa: SIM115
+            if not resumed:
+                report.write_json(folder / CONFIG_FILE, {}, config=self._config(), seed=0)
+            mode = "a" if resumed else "w"
+            self._file = open(folder / STEPS_FILE, mode, encoding="utf-8")  # noqa: SIM115
         except BaseException:
             _release(folder)
             raise
@@ -241,9 +249,11 @@ class Monitor:
         except BaseException:
             self._detach()
             raise
-        self._step, self._recorded, self._pending = 0, 0, None
-        self._between, self._outer = False, None
-        self._start = time.perf_counter()
+        if not resumed:
+            self._step, self._recorded = 0, 0
+            self._start = time.perf_counter()
+        self._pending, self._between, self._outer = None, False, None
+        self._started = True
 
     def close(self) -> Path | None:
         """Remove the hooks, close the files and write the report; its path (``None`` when the
