@@ -347,6 +347,19 @@ def test_an_update_that_cannot_be_modelled_is_not_checked(tmp_path: Path) -> Non
         _train_step(model, opt, *_batch(x, y, 2))
     errors = [r["update_error"] for r in read_records(tmp_path)]
     assert errors[0] < 1e-12 and errors[1:] == [None, None]
+    assert "not checked against the steps taken" not in (tmp_path / "report.md").read_text()
+    reason = json.loads((tmp_path / "config.json").read_text())["config"]
+    assert "scaled" in reason["update_unchecked_because"]
+
+
+def test_the_report_says_why_updates_were_not_checked(tmp_path: Path) -> None:
+    model, (x, y) = _mlp(), _data()
+    opt = torch.optim.Adadelta(model.parameters())  # not modelled by ntcov.optimizer_step
+    with Monitor(model, {"p": P.probs(model, x[:4], y[:4])}, optimizer=opt, log_dir=tmp_path):
+        _train_step(model, opt, *_batch(x, y, 0))
+    assert read_records(tmp_path)[0]["update_error"] is None
+    text = (tmp_path / "report.md").read_text()
+    assert "not checked against the steps taken" in text and "Adadelta" in text
 
 
 def test_bad_arguments_are_refused(tmp_path: Path) -> None:

@@ -190,9 +190,10 @@ class Monitor:
         self.writes = distributed.rank() == 0
         self.properties = _as_properties(model, properties)
         self.update = as_choice(UpdateSource, update, "Monitor", "update")
-        modelled = _modelled(optimizer, model, required=self.update is UpdateSource.OPTIMIZER)
+        unmodelled = _unmodelled(optimizer, model, required=self.update is UpdateSource.OPTIMIZER)
         # observed updates are checked against the optimizer-aware one when it is modelled
-        self._check_every = check_update_every if modelled else 0
+        self._check_every = 0 if unmodelled else check_update_every
+        self._unchecked = unmodelled or ("check_update_every=0" if not check_update_every else "")
         self.log_dir = Path(log_dir)
         self._tensorboard, self._fsync, self._hooks = tensorboard, fsync, hooks
         self._file: IO[str] | None = None
@@ -326,7 +327,9 @@ class Monitor:
         try:
             return _modelled_delta(self.optimizer, self.model, weights)
         except ValueError as err:  # e.g. a GradScaler's scaled step: stop checking, say why once
-            self._check_every = 0
+            self._check_every, self._unchecked = 0, str(err)
+            config = self._config()  # the report says why the checks stopped
+            report.write_json(self.log_dir / CONFIG_FILE, {}, config=config, seed=0)
             warnings.warn(
                 f"Monitor: the optimizer-aware update cannot be checked against the observed "
                 f"step ({err}); update_error is not recorded.",
@@ -397,6 +400,7 @@ class Monitor:
             "optimizer": type(self.optimizer).__qualname__,
             "update": self.update.value,
             "check_update_every": self._check_every,
+            "update_unchecked_because": self._unchecked or None,
             "model": type(self.model).__qualname__,
             "every": self.every,
         }
@@ -462,10 +466,10 @@ def _on_stack(frame: FrameType) -> bool:
     return False
 
 
-def _modelled(optimizer: torch.optim.Optimizer, model: nn.Module, *, required: bool) -> bool:
-    """Whether :func:`~ntcov.optimizer_step` models ``optimizer`` (an unsupported optimizer or a
-    GradScaler's scaled step raise when ``required``); an optimizer of other weights is always
-    refused."""
+def _unmodelled(optimizer: torch.optim.Optimizer, model: nn.Module, *, required: bool) -> str:
+    """Why :func:`~ntcov.optimizer_step` cannot model ``optimizer`` (``""``: it can; an
+    unsupported optimizer or a GradScaler's scaled step raise when ``required``); an optimizer of
+    other weights is always refused."""
     try:
         weights_of(optimizer, model)
     except ValueError as err:
@@ -478,8 +482,8 @@ def _modelled(optimizer: torch.optim.Optimizer, model: nn.Module, *, required: b
                 f"Monitor: {err} With update='observed' the monitor predicts along the step "
                 "the optimizer actually takes, which works with any optimizer."
             ) from err
-        return False
-    return True
+        return str(err)
+    return ""
 
 
 def _values(properties: Mapping[str, Property], model: nn.Module) -> dict[str, Tensor]:
@@ -791,12 +795,18 @@ def write_report(log_dir: str | Path) -> Path:
     if plotted:
         _plot(records, list(summaries), folder / REPORT_PNG)
     path = folder / REPORT_MD
-    path.write_text(_markdown(summaries, len(records), errors, plotted), encoding="utf-8")
+    unchecked = config.get("update_unchecked_because")
+    text = _markdown(summaries, len(records), errors, plotted, unchecked)
+    path.write_text(text, encoding="utf-8")
     return path
 
 
 def _markdown(
-    summaries: Mapping[str, PropertySummary], steps: int, errors: list[float], plotted: bool
+    summaries: Mapping[str, PropertySummary],
+    steps: int,
+    errors: list[float],
+    plotted: bool,
+    unchecked: str | None = None,
 ) -> str:
     headers = ["property", "entries", "R²", "sign agreement", "median rel. error", "median step"]
     headers.append("non-finite steps")
@@ -816,8 +826,8 @@ def _markdown(
     lines = [
         "# ntcov monitor: predicted against actual change per optimizer step",
         "",
-        f"{steps} steps recorded; largest update error ‖Δw_pred − Δw‖/‖Δw‖: "
-        + (f"{max(errors):.3g}" if errors else "-"),
+        f"{steps} step{'' if steps == 1 else 's'} recorded; "
+        + _update_error_line(errors, unchecked),
         "",
         report.format_markdown_table(headers, rows),
     ]
@@ -831,6 +841,14 @@ def _markdown(
     if plotted:
         lines += ["", f"![predicted against actual]({REPORT_PNG})"]
     return "\n".join(lines) + "\n"
+
+
+def _update_error_line(errors: list[float], unchecked: str | None) -> str:
+    if errors:
+        return f"largest update error ‖Δw_pred − Δw‖/‖Δw‖: {max(errors):.3g}"
+    if unchecked:
+        return f"the optimizer-aware update was not checked against the steps taken ({unchecked})"
+    return "largest update error ‖Δw_pred − Δw‖/‖Δw‖: -"
 
 
 def _row_means(values: np.ndarray) -> np.ndarray:
