@@ -57,6 +57,17 @@ def test_fisher_ratios(small_run: Any) -> None:
         assert fisher["train_mean"]["min"] > 0  # unbounded: N_train × a leverage
 
 
+def test_verdict_counts_only_trained_slopes_over_a_wide_enough_span(small_run: Any) -> None:
+    results = json.loads(json.dumps(small_run[0]["results"]))  # a copy to edit
+    text = bernoulli.verdict_text(results)[0]
+    assert "in 2 of the 2 trained settings" in text and "describes real networks" in text
+    for setting in results["settings"].values():  # as after a very short run
+        setting["trained"]["log10_pq_span"] = 0.1
+    text = bernoulli.verdict_text(results)[0]
+    assert "in 0 of the 0 trained settings" in text and "2 trained settings span less" in text
+    assert "does not settle it" in text and "describes real networks" not in text
+
+
 def test_files_exist(small_run: Any) -> None:
     _, out = small_run
     for name in ("results.json", "verdict.md", "ntvar_p.png", "fisher.png"):
