@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -159,6 +160,101 @@ def test_bad_input_is_refused_clearly() -> None:
         attribute(x, loss).helpful(6)
 
 
+def test_wrong_loss_shapes_and_metric_types_are_named() -> None:
+    case = mlp()
+    x, loss, metric = _setup(case)
+    logits = P.logits(case.model, case.x)  # [N, C] given as the per-example loss
+    for by in ("example", "layer", "group"):
+        groups = [0, 1, 0, 1, 0] if by == "group" else None
+        with pytest.raises(ValueError, match=r"one loss per example, shape \[5\], got \[5, 3\]"):
+            attribute(x, logits, by=by, groups=groups)
+    with pytest.raises(ValueError, match="one loss per example"):
+        attribute(x, logits, strategy="per_example")
+    opt = torch.optim.SGD(case.model.parameters(), lr=0.1)
+    step = ntcov.optimizer_step(opt, case.model, metric)
+    with pytest.raises(TypeError, match=r"got OptimizerStep \(pass its .metric\)"):
+        attribute(x, loss, metric=step)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="metric must be a dict"):
+        attribute(x, loss, metric=0.1)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="metric must be a dict"):
+        ntcov.sketch_ntcov(x, loss, dims=2, metric=0.1)  # type: ignore[arg-type]
+
+
+def test_group_indices_masks_and_numpy_labels() -> None:
+    import numpy as np
+
+    case = mlp()
+    x, loss, _ = _setup(case)
+    values = attribute(x, loss).values
+    mask = torch.tensor([True, False, True, True, False])
+    groups = attribute(x, loss, by="group", groups={"m": mask, "n": np.array([1])})
+    assert groups.labels == ("m", "n", "(rest)")
+    assert_close(groups.values[..., 0], values[..., [0, 2, 3]].sum(-1))
+    assert_close(groups.values[..., 2], values[..., 4])
+    labels = np.array([2, 0, 2, 1, 0])
+    assert_close(
+        attribute(x, loss, by="group", groups=labels).values,
+        attribute(x, loss, by="group", groups=labels.tolist()).values,
+    )
+    with pytest.raises(TypeError, match="non-integer example indices"):
+        attribute(x, loss, by="group", groups={"a": [0.9, 2.7]})
+    with pytest.raises(ValueError, match="more than once"):
+        attribute(x, loss, by="group", groups={"a": [0, 0, 1]})
+    with pytest.raises(ValueError, match="boolean mask of shape \\[2\\]"):
+        attribute(x, loss, by="group", groups={"a": [True, False]})
+
+
+def test_groups_more_than_properties_and_fewer_agree_with_the_examples() -> None:
+    """``K ≤ G`` sums the per-example parts; ``K > G`` takes group gradients, a chunk of groups
+    at a time under ``memory_budget`` (here one group per chunk)."""
+    case = mlp()
+    x, loss, metric = _setup(case)
+    values = attribute(x, loss, metric=metric).values  # [K, N]
+    assert values.shape[0] > 2
+    membership = torch.tensor([[1, 0, 1, 0, 0], [0, 1, 0, 1, 1]], dtype=values.dtype)
+    few = attribute(x, loss, by="group", groups=[0, 1, 0, 1, 1], metric=metric, memory_budget=1)
+    assert_close(few.values, values @ membership.T)
+    many = attribute(x[0], loss, by="group", groups=[0, 1, 2, 3, 4], metric=metric)
+    assert_close(many.values, values[0])
+
+
+def test_an_empty_property_gives_empty_parts() -> None:
+    case = mlp()
+    _, loss, _ = _setup(case)
+    empty = P.probs(case.model, case.x2[:0], 0)
+    assert attribute(empty, loss).values.shape == (0, 5)
+    assert attribute(empty, loss, by="group", groups=[0, 1, 0, 1, 1]).values.shape == (0, 2)
+    assert ntcov.sketch_ntcov(empty, loss, dims=3).matrix.shape == (0, 5)
+    assert ntcov.sketch_ntcov(empty, dims=3).matrix.shape == (0, 0)
+
+
+class _Centred(nn.Module):
+    """Eval mode, but every row depends on the batch (its mean is subtracted)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.a(x))
+        return self.b(h - h.mean(0, keepdim=True))
+
+
+def test_batch_size_falls_back_to_one_batch_when_rows_depend_on_the_batch() -> None:
+    torch.manual_seed(0)
+    model = _Centred().double().eval()
+    xs = torch.randn(8, 4, dtype=torch.float64)
+    ys = torch.randint(0, 3, (8,))
+    p = P.probs(model, xs[:1], ys[:1])[0]
+    loss = P.per_example_loss(model, xs, ys)
+    whole = attribute(p, loss)
+    assert _sum_error(whole.values, ntcov.rate(p, P.loss(model, xs, ys))) < SUM_TOLERANCE
+    for by, groups in (("example", None), ("layer", None), ("group", [0, 1] * 4)):
+        with pytest.warns(ntcov.FallbackWarning, match="batch_size is ignored"):
+            parts = attribute(p, loss, by=by, groups=groups, batch_size=3)
+        assert_close(parts.values, attribute(p, loss, by=by, groups=groups).values)
+
+
 # ----- over a training run -------------------------------------------------------------------
 
 
@@ -208,6 +304,18 @@ def test_training_attribution_is_the_real_first_order_step(make_optimizer) -> No
     assert_close(tracker.layer_result().total, tracker.predicted_change, rtol=1e-9)
     actual_change = x.value() - tracker.start_value
     assert tracker.unexplained().abs().max() < 0.1 * actual_change.abs().max()
+
+
+def test_training_attribution_refuses_an_unmodelled_optimizer_at_construction() -> None:
+    case = mlp()
+    x = P.probs(case.model, case.x2, 0)
+    nadam = torch.optim.NAdam(case.model.parameters(), lr=1e-3)
+    with pytest.raises(TypeError, match=r"TrainingAttribution: .*NAdam"):
+        TrainingAttribution(x, nadam, num_examples=12)
+    with pytest.raises(ValueError, match="num_examples must be an int >= 1"):
+        TrainingAttribution(x, torch.optim.SGD(case.model.parameters(), lr=0.1), num_examples=0)
+    sgd = torch.optim.SGD(case.model.parameters(), lr=0.1)
+    assert TrainingAttribution(x, sgd, num_examples=np.int64(12)).num_examples == 12
 
 
 def test_training_attribution_full_batch_equals_attribute_with_the_optimizer_metric() -> None:

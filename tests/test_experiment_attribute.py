@@ -10,6 +10,7 @@ import pytest
 
 from ntcov import cli
 from ntcov.experiments import attribute
+from ntcov.experiments.attribute import AttributeConfig
 
 
 def _args(*argv: str) -> argparse.Namespace:
@@ -60,9 +61,16 @@ def test_minibatches_and_bad_values(tmp_path: Path) -> None:
         "--quick", "--batch-size", "64", "--image", "3", "--out", str(out), "--no-progress"
     )
     assert attribute.run_from_args(args) == 0
-    _check_outputs(out)
+    summary = _check_outputs(out)
+    first_batch = set(attribute.batches(AttributeConfig.quick(batch_size=64), 300, 0).tolist())
+    for key in ("increased", "decreased"):  # the first step ranks its own minibatch only
+        entries = summary["one_step"]["top"][key]
+        assert len(entries) == 5 and {e["index"] for e in entries} <= first_batch
+        assert all(e["contribution"] != 0 for e in entries)
     with pytest.raises(SystemExit):
         attribute.run_from_args(_args("--quick", "--image", "100000", "--out", str(out)))
+    with pytest.raises(SystemExit):  # refused before any training
+        attribute.run_from_args(_args("--quick", "--top-k", "301", "--out", str(out)))
 
 
 def test_ctrl_c_writes_the_steps_done(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -150,6 +150,8 @@ def test_a_factory_returning_another_optimizer_is_refused(
             run(x, f, y, LOSS, lambda ps: users, 3)
         with pytest.raises(TypeError, match=r"expected a torch\.optim\.Optimizer"):
             run(x, f, y, LOSS, lambda ps: None, 3)  # type: ignore[arg-type, return-value]
+        with pytest.raises(TypeError, match=r"LBFGS\.step needs a closure"):
+            run(x, f, y, LOSS, lambda ps: torch.optim.LBFGS(ps), 3)
 
 
 def test_scalar_property_and_zero_steps(digits: tuple[Tensor, Tensor, Tensor]) -> None:

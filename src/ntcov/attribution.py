@@ -22,8 +22,9 @@ How each split is computed (no ``[N, P]`` per-example gradients unless they are 
   picks the structured per-layer rules or per-example gradients for larger ``K``, where they
   are cheaper than ``K`` JVPs).
 - ``by="layer"``: one backward pass for ``∇L``, then one JVP of ``x`` per block (batched).
-- ``by="group"``: one batched backward pass for the ``G`` group gradients ``∇(Σ_{i∈g} w_i ℓ_i)``,
-  then one JVP of ``x`` per group (batched): cost independent of ``N·K``.
+- ``by="group"``: for ``K ≤ G`` the per-example parts summed per group; otherwise batched
+  backward passes for the ``G`` group gradients ``∇(Σ_{i∈g} w_i ℓ_i)`` (chunks of groups under
+  ``memory_budget``), then one JVP of ``x`` per group (batched).
 
 :class:`TrainingAttribution` accumulates the per-example parts over a training run under the
 optimizer's real ``M`` and bias ``b`` at every step (the exact first-order bookkeeping that
@@ -39,6 +40,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, ParamSpec, TypeVar
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -117,9 +119,9 @@ class Contributions:
                 f"Contributions.top: direction must be 'up' or 'down', got {direction!r}."
             )
         count = self.values.shape[-1]
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= count:
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= count:
             raise ValueError(f"Contributions.top: k must be an int in [1, {count}], got {k!r}.")
-        values, positions = torch.topk(self.values, k, dim=-1, largest=direction == "up")
+        values, positions = torch.topk(self.values, int(k), dim=-1, largest=direction == "up")
         return TopK(positions, values, _nested_labels(positions.tolist(), self.labels))
 
     def helpful(self, k: int) -> TopK:
@@ -181,7 +183,8 @@ def attribute(
     - ``by="group"``: one part per group of examples; ``groups`` is ``[N]`` labels (a tensor or
       sequence) or a dict ``{label: example indices}`` (disjoint; the others form ``"(rest)"``).
 
-    ``strategy`` (``by="example"``): ``jvp`` for batched JVPs of ``ℓ``, or any
+    ``strategy`` (``by="example"``, and ``by="group"`` when ``K ≤ G``, where the groups are
+    sums of the per-example parts): ``jvp`` for batched JVPs of ``ℓ``, or any
     :class:`ntcov.Strategy` for :func:`ntcov.ntcov`; ``auto`` uses JVPs up to
     ``JVP_MAX_PROPERTIES`` entries of ``x``. ``chunk_size`` bounds the JVPs batched together
     (default: from ``memory_budget``); ``batch_size`` evaluates ``ℓ`` that many examples at a
@@ -199,7 +202,10 @@ def attribute(
     if chosen is By.EXAMPLE:
         if groups is not None:
             raise ValueError("attribute: groups is only used with by='layer' or by='group'.")
-        values = _per_example(x, shape, losses, example_weights, plan, strategy, params)
+        if shape.numel() == 0:  # an empty property: nothing to differentiate
+            values = x_value.new_zeros((*shape, count))
+        else:
+            values = _per_example(x, shape, losses, example_weights, plan, strategy, params)
         return Contributions(values, tuple(range(count)), chosen)
     if chosen is By.LAYER:
         blocks = _parameter_blocks(x.module, weights_p, groups)
@@ -208,6 +214,9 @@ def attribute(
         values = _jvp_by_block(x, direction, blocks, plan)
         return Contributions(values, tuple(blocks), chosen)
     labels, membership = _data_groups(groups, count)
+    if 0 < shape.numel() <= membership.shape[0]:  # K ≤ G: sum the K·N per-example parts
+        parts = _per_example(x, shape, losses, example_weights, plan, strategy, params)
+        return Contributions(parts @ membership.T.to(parts), labels, chosen)
     cotangents = membership.to(example_weights) * example_weights
     values = _per_group(x, losses, cotangents, plan)
     return Contributions(values, labels, chosen)
@@ -236,6 +245,13 @@ def _prepare(caller: str, x: Property, loss: Property, params: ParamSelection) -
 def _check_metric(caller: str, metric: ParamDict | None, weights: ParamDict) -> None:
     if metric is None:
         return
+    if not isinstance(metric, Mapping):
+        hint = " (pass its .metric)" if hasattr(metric, "metric") else ""
+        raise TypeError(
+            f"{caller}: metric must be a dict {{parameter name: tensor of its shape}} (a "
+            f"diagonal metric, e.g. ntcov.optimizer_step(...).metric), got "
+            f"{type(metric).__name__}{hint}."
+        )
     for name, weight in weights.items():
         if name not in metric or metric[name].shape != weight.shape:
             found = list(metric[name].shape) if name in metric else "nothing"
@@ -305,8 +321,13 @@ def _loss_batches(
     """``ℓ`` as properties of consecutive example batches (one batch unless ``batch_size``)."""
     if batch_size is None or batch_size >= count:
         return [(0, count, loss)]
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if (
+        isinstance(batch_size, bool)
+        or not isinstance(batch_size, numbers.Integral)
+        or batch_size < 1
+    ):
         raise ValueError(f"{caller}: batch_size must be an int >= 1 or None, got {batch_size!r}.")
+    batch_size = int(batch_size)
     pe = loss.per_example
     if pe is None or pe.num_examples != count:
         raise ValueError(
@@ -325,7 +346,28 @@ def _loss_batches(
             name=f"{loss.name}[{first}:{first + part.num_examples}]",
         )
         batches.append((first, first + part.num_examples, prop))
-    return batches
+    return _consistent(caller, loss, batches, count)
+
+
+def _consistent(
+    caller: str, loss: Property, batches: list[LossBatch], count: int
+) -> list[LossBatch]:
+    """``batches``, or one batch of all ``count`` examples (with a :class:`FallbackWarning`)
+    when ``ℓ`` evaluated a batch at a time differs from its value over all examples: its rows
+    depend on other examples (batch statistics, a sequence-first layout, train-mode dropout),
+    and only the whole batch is the loss that was asked about."""
+    whole = loss.value()
+    agree = _autodiff._agreement(whole, count)
+    if all(agree(prop.value(), first) for first, _stop, prop in batches):
+        return batches
+    _autodiff._warn(
+        "batch_size",
+        loss,
+        f"{caller}: per_example_loss {loss.name!r} evaluated {batches[0][1]} examples at a time "
+        f"differs from its value over all {count} examples (its rows depend on other "
+        "examples); batch_size is ignored: one batch of all examples, exact but more memory.",
+    )
+    return [(0, count, loss)]
 
 
 # ----- batched JVPs and VJPs -----------------------------------------------------------------
@@ -370,6 +412,7 @@ def _cotangent_gradients(losses: list[LossBatch], weights: ParamDict, cotangents
     parts = []
     for first, stop, loss in losses:
         out, leaves = _autodiff.evaluate(loss, weights)
+        _check_loss_shape(loss, out.shape, stop - first)
         _safeguards.check_finite_value("attribute", loss, out.detach(), weights)
         parts.append(_batched_vjp(loss, out, leaves, cotangents[:, first:stop].to(out)))
     return {n: torch.stack([p[n] for p in parts]).sum(0) for n in weights}
@@ -430,9 +473,9 @@ def _per_example(
     if chosen is Strategy.AUTO and shape.numel() <= JVP_MAX_PROPERTIES:
         chosen = Strategy.JVP
     parts = []
-    for _first, _stop, loss in losses:
+    for first, stop, loss in losses:
         if chosen is Strategy.JVP:
-            parts.append(_covariance_by_jvp(x, shape.numel(), loss, plan))
+            parts.append(_covariance_by_jvp(x, shape.numel(), loss, plan, stop - first))
         else:
             cov = ntcov(
                 x,
@@ -442,6 +485,7 @@ def _per_example(
                 memory_budget=plan.memory_budget,
                 metric=plan.metric,
             )
+            _check_loss_shape(loss, cov.shape[len(shape) :], stop - first)
             parts.append(cov.reshape(shape.numel(), -1))
     covariance = torch.cat(parts, dim=1)  # [K, N]
     props = [x, *(loss for _, _, loss in losses)]
@@ -449,18 +493,30 @@ def _per_example(
     return (-covariance * example_weights.to(covariance)).reshape(*shape, -1)
 
 
-def _covariance_by_jvp(x: Property, count: int, loss: Property, plan: _Plan) -> Tensor:
+def _covariance_by_jvp(x: Property, count: int, loss: Property, plan: _Plan, n: int) -> Tensor:
     """``J_x M J_ℓᵀ`` (``[K, n]``): rows ``∇x_k`` by batched backward passes, then batched JVPs
-    of ``ℓ`` along ``M ∇x_k`` (``count`` = ``K``)."""
+    of ``ℓ`` (``n`` examples) along ``M ∇x_k`` (``count`` = ``K``)."""
     if count == 1:  # one plain backward pass, one plain JVP
         out, leaves = _autodiff.evaluate(x, plan.weights)
         gradient = _batched_vjp(x, out.reshape(1), leaves, out.new_ones(1, 1))
-        return _chunked_jvp(loss, plan, _scaled(gradient, plan.metric), 1).reshape(1, -1)
+        column = _chunked_jvp(loss, plan, _scaled(gradient, plan.metric), 1)
+        _check_loss_shape(loss, column.shape[1:], n)
+        return column.reshape(1, -1)
     step = plan.tangents_per_chunk(loss)
     blocks = []
     for _, rows in _autodiff.vjp_rows(x, plan.weights, step):
         blocks.append(_chunked_jvp(loss, plan, _scaled(rows, plan.metric), step))
+        _check_loss_shape(loss, blocks[-1].shape[1:], n)
     return torch.cat(blocks).reshape(count, -1)
+
+
+def _check_loss_shape(loss: Property, shape: Sequence[int], n: int) -> None:
+    if tuple(shape) != (n,):
+        raise ValueError(
+            f"attribute: per_example_loss {loss.name!r} must be one loss per example, shape "
+            f"[{n}], got {list(shape)}. Use ntcov.properties.per_example_loss (or reduce the "
+            "other dimensions in your property)."
+        )
 
 
 def _jvp_by_block(
@@ -476,10 +532,15 @@ def _jvp_by_block(
 
 
 def _per_group(x: Property, losses: list[LossBatch], cotangents: Tensor, plan: _Plan) -> Tensor:
-    """``J_x M (−∇ Σ_{i∈g} w_i ℓ_i)`` per group, ``[*S, G]``."""
-    gradients = _cotangent_gradients(losses, plan.weights, cotangents)
-    directions = _scaled({n: -g for n, g in gradients.items()}, plan.metric)
-    return _chunked_jvp(x, plan, directions).movedim(0, -1)
+    """``J_x M (−∇ Σ_{i∈g} w_i ℓ_i)`` per group, ``[*S, G]``; the group gradients (batched
+    backward passes over the examples) a chunk of groups at a time under the memory budget."""
+    step = plan.tangents_per_chunk(losses[0][2])
+    parts = []
+    for start in range(0, cotangents.shape[0], step):
+        gradients = _cotangent_gradients(losses, plan.weights, cotangents[start : start + step])
+        directions = _scaled({n: -g for n, g in gradients.items()}, plan.metric)
+        parts.append(_chunked_jvp(x, plan, directions))
+    return torch.cat(parts).movedim(0, -1)
 
 
 # ----- labels of blocks and groups -----------------------------------------------------------
@@ -536,6 +597,8 @@ def _data_groups(groups: Any, count: int) -> tuple[tuple[Any, ...], Tensor]:
                 f"got {list(groups.shape)}."
             )
         values: Sequence[Hashable] = groups.tolist()
+    elif isinstance(groups, np.ndarray) and groups.shape == (count,):
+        values = groups.tolist()
     elif isinstance(groups, Sequence) and not isinstance(groups, str) and len(groups) == count:
         values = list(groups)
     else:
@@ -553,12 +616,7 @@ def _data_groups(groups: Any, count: int) -> tuple[tuple[Any, ...], Tensor]:
 def _groups_from_mapping(groups: Mapping[Any, Any], count: int) -> tuple[tuple[Any, ...], Tensor]:
     membership = torch.zeros(len(groups) + 1, count)
     for g, (label, indices) in enumerate(groups.items()):
-        index = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
-        if index.numel() and (index.min() < 0 or index.max() >= count):
-            raise ValueError(
-                f"attribute: group {label!r} has example indices outside [0, {count})."
-            )
-        membership[g, index] = 1.0
+        membership[g, _group_indices(label, indices, count)] = 1.0
     if (membership.sum(0) > 1).any():
         raise ValueError("attribute: groups must be disjoint; some examples are in two groups.")
     membership[-1] = 1.0 - membership[:-1].sum(0)
@@ -566,6 +624,30 @@ def _groups_from_mapping(groups: Mapping[Any, Any], count: int) -> tuple[tuple[A
     if membership[-1].any():
         return (*labels, REST), membership
     return labels, membership[:-1]
+
+
+def _group_indices(label: Any, indices: Any, count: int) -> Tensor:
+    """The example indices of one group: integers in ``[0, N)``, each once, or an ``[N]``
+    boolean mask."""
+    index = torch.as_tensor(np.asarray(indices) if not isinstance(indices, Tensor) else indices)
+    if index.dtype == torch.bool:
+        if index.shape != (count,):
+            raise ValueError(
+                f"attribute: group {label!r} is a boolean mask of shape {list(index.shape)}; "
+                f"a mask must be [N] = [{count}]."
+            )
+        return index.nonzero().reshape(-1)
+    if index.dtype.is_floating_point or index.dtype.is_complex:
+        raise TypeError(
+            f"attribute: group {label!r} has non-integer example indices ({index.dtype}); "
+            "give integer indices or an [N] boolean mask."
+        )
+    index = index.reshape(-1).long()
+    if index.numel() and (index.min() < 0 or index.max() >= count):
+        raise ValueError(f"attribute: group {label!r} has example indices outside [0, {count}).")
+    if index.unique().numel() != index.numel():
+        raise ValueError(f"attribute: group {label!r} lists an example more than once.")
+    return index
 
 
 # ----- over a training run -------------------------------------------------------------------
@@ -592,6 +674,27 @@ class StepAttribution:
     def first_order(self) -> Tensor:
         """``J_x Δw = force + bias``: the predicted change of ``x`` over this step."""
         return self.force + self.bias
+
+
+def _count(num_examples: object) -> int:
+    """``num_examples`` as an ``int >= 1`` (numpy integers accepted), else a ValueError."""
+    if (
+        isinstance(num_examples, bool)
+        or not isinstance(num_examples, numbers.Integral)
+        or int(num_examples) < 1
+    ):
+        raise ValueError(
+            f"TrainingAttribution: num_examples must be an int >= 1, got {num_examples!r}."
+        )
+    return int(num_examples)
+
+
+def _refuse_unmodelled(optimizer: torch.optim.Optimizer, module: torch.nn.Module) -> None:
+    """Refuse, at construction, an optimizer :func:`ntcov.optimizer_step` cannot model."""
+    try:
+        optimizer_step(optimizer, module, {})
+    except TypeError as err:
+        raise TypeError(f"TrainingAttribution: {err}") from err
 
 
 class TrainingAttribution:
@@ -628,10 +731,8 @@ class TrainingAttribution:
             raise TypeError(
                 f"TrainingAttribution: x must be an ntcov.Property, got {type(x).__name__}."
             )
-        if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 1:
-            raise ValueError(
-                f"TrainingAttribution: num_examples must be an int >= 1, got {num_examples!r}."
-            )
+        num_examples = _count(num_examples)
+        _refuse_unmodelled(optimizer, x.module)
         self.x, self.optimizer, self.num_examples = x, optimizer, num_examples
         self._layers, self._budget, self._chunk = layers, memory_budget, _check_chunk(chunk_size)
         value = x.value().detach()

@@ -29,6 +29,7 @@ and one JVP for ``x_lin``; plus one forward pass of ``f`` and of ``x`` at each r
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -246,6 +247,13 @@ def _build_optimizer(
         raise TypeError(
             f"{caller}: optimizer_factory returned {type(optimizer).__name__}, expected a "
             "torch.optim.Optimizer."
+        )
+    closure = inspect.signature(optimizer.step).parameters.get("closure")
+    if closure is not None and closure.default is inspect.Parameter.empty:
+        raise TypeError(
+            f"{caller}: {type(optimizer).__name__}.step needs a closure (it re-evaluates the "
+            "loss), which the linearised dynamics do not provide; use an optimizer whose step "
+            "takes the gradient in p.grad (SGD, Adam, AdamW, RMSprop, Adagrad, ...)."
         )
     ours = {id(w) for w in weights.values()}
     held = [p for group in optimizer.param_groups for p in group["params"]]

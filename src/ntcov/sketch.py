@@ -30,6 +30,7 @@ probability ``≥ 1 − 6e^{−t} = 1 − δ``); :func:`error_bound` states it f
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -196,10 +197,11 @@ def sketch_ntcov(
         shape_a, shape_b = a.value().shape, (a if b is None else b).value().shape
         parts_a, parts_b = [], []
         for first in range(0, dims, step):
-            directions = _directions(weights, root, min(step, dims - first), generator)
-            parts_a.append(batched_jvp(a, weights, directions).reshape(-1, shape_a.numel()))
+            count = min(step, dims - first)
+            directions = _directions(weights, root, count, generator)
+            parts_a.append(batched_jvp(a, weights, directions).reshape(count, shape_a.numel()))
             if b is not None:
-                parts_b.append(batched_jvp(b, weights, directions).reshape(-1, shape_b.numel()))
+                parts_b.append(batched_jvp(b, weights, directions).reshape(count, shape_b.numel()))
     proj_a = torch.cat(parts_a).T  # [K_a, d]
     proj_b = proj_a if b is None else torch.cat(parts_b).T
     matrix = (proj_a @ proj_b.T / dims).reshape(shape_a + shape_b)
@@ -226,6 +228,11 @@ def _prepare(
         if prop is not None:
             check_mode(prop.module, allow_train_mode=prop.allow_train_mode)
     weights = select_params(a.module, params)
+    if metric is not None and not isinstance(metric, Mapping):
+        raise TypeError(
+            "sketch_ntcov: metric must be a dict {parameter name: tensor of its shape} (e.g. "
+            f"ntcov.optimizer_step(...).metric), got {type(metric).__name__}."
+        )
     for name, weight in weights.items():
         if metric is not None and (name not in metric or metric[name].shape != weight.shape):
             raise ValueError(

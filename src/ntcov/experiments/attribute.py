@@ -98,6 +98,11 @@ def load(config: AttributeConfig) -> tuple[Split, nn.Module]:
     if config.train_examples is not None:
         n = config.train_examples
         split = Split(split.x_train[:n], split.y_train[:n], split.x_test, split.y_test)
+    if config.top_k > split.x_train.shape[0]:
+        raise ValueError(
+            f"AttributeConfig: top_k must be <= {split.x_train.shape[0]} (training images), "
+            f"got {config.top_k}."
+        )
     if config.image >= split.x_test.shape[0]:
         raise ValueError(
             f"AttributeConfig: image must be < {split.x_test.shape[0]} (held-out images), "
@@ -155,12 +160,14 @@ def first_step_rate(
 
 
 def top_examples(parts: Contributions, split: Split, k: int) -> dict[str, list[dict[str, Any]]]:
-    """The ``k`` training images that raised and lowered ``p`` most, with labels and values."""
+    """The ``k`` training images (fewer when ``parts`` has fewer) that raised and lowered ``p``
+    most, with labels and values; ``parts.labels`` are the images' training indices."""
     out = {}
+    k = min(k, parts.values.shape[-1])
     for key, top in (("increased", parts.helpful(k)), ("decreased", parts.harmful(k))):
         out[key] = [
             {"index": int(i), "label": int(split.y_train[int(i)]), "contribution": float(v)}
-            for i, v in zip(top.positions.tolist(), top.values.tolist(), strict=True)
+            for i, v in zip(top.labels, top.values.tolist(), strict=True)
         ]
     return out
 
@@ -170,12 +177,8 @@ def summarise(config: AttributeConfig, split: Split, state: RunState) -> dict[st
     first, tracker = state.first, state.tracker
     if first is None or tracker is None or state.first_rate is None or state.values is None:
         return {}
-    count = split.x_train.shape[0]
-    step_parts = Contributions(
-        first.value.new_zeros(count).index_add(0, first.indices, first.contributions),
-        tuple(range(count)),
-        By.EXAMPLE,
-    )
+    # the first step's examples only (a minibatch's others have no part in it)
+    step_parts = Contributions(first.contributions, tuple(first.indices.tolist()), By.EXAMPLE)
     rate_error = float((first.force - state.first_rate).abs() / state.first_rate.abs())
     layers = tracker.layer_result()
     actual = state.values[-1] - state.values[0]
