@@ -116,6 +116,25 @@ def test_no_arguments_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert out.startswith("usage: ntcov") and "demo" in out
 
 
+@pytest.mark.parametrize(
+    "command",
+    [["demo"], ["validate"], ["attribute"], ["kernel"]]
+    + [["experiment", name] for name in cli.EXPERIMENTS],
+    ids=lambda c: " ".join(c),
+)
+def test_help_is_plain_text_with_defaults(
+    command: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*command, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "``" not in out and ":func:" not in out and ":class:" not in out
+    for line in out.splitlines():  # every option with a value states its default
+        if line.startswith("  --") and line.split()[0] in {"--steps", "--seed", "--held-out"}:
+            assert "default" in out[out.index(line) :].split("\n  --")[0], line
+
+
 def test_interrupted_demo_exits_130(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def interrupt(setup: demo.Setup, lr: float) -> demo.StepRecord:
         raise KeyboardInterrupt

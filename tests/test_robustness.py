@@ -536,3 +536,30 @@ def test_readme_python_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert namespace["parts"].values.shape == (500,)  # type: ignore[attr-defined]
     for word in [".value()", "map_rows", "from_per_example", "dim 0"]:
         assert word in text, word
+
+
+class _DictOutput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(4, 3).double()
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        return {"logits": self.head(x)}
+
+
+def test_builders_name_a_model_that_returns_a_dict() -> None:
+    model, x = _DictOutput(), torch.randn(5, 4, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 0, 1])
+    builders = {
+        "probs": lambda: properties.probs(model, x, 0),
+        "log_probs": lambda: properties.log_probs(model, x, y),
+        "per_example_loss": lambda: properties.per_example_loss(model, x, y),
+        "loss": lambda: properties.loss(model, x, y),
+    }
+    for name, build in builders.items():
+        with pytest.raises(TypeError, match=rf"^{name}: _DictOutput\(x\) returned a dict"):
+            ntcov.ntvar(build())
+    # the way the message suggests works
+    rows = Property.from_per_example(model, lambda m, xs: m(xs)["logits"], x)
+    jac = plain_jacobian(model, lambda m: m(x)["logits"])
+    assert_close(ntcov.ntvar(rows).reshape(-1), (jac * jac).sum(1))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 from collections.abc import Callable, Sequence
 
@@ -52,6 +53,26 @@ def positive_float(text: str) -> float:
     return value
 
 
+class DefaultsFormatter(argparse.HelpFormatter):
+    """States each option's default unless its help already does (or it has none)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "default" in text or any(action.default is v for v in (None, False, argparse.SUPPRESS)):
+            return text
+        return f"{text} (default: %(default)s)".lstrip()
+
+
+class DocstringFormatter(DefaultsFormatter, argparse.RawDescriptionHelpFormatter):
+    """:class:`DefaultsFormatter` keeping a module docstring's own line breaks."""
+
+
+def plain_text(doc: str | None) -> str:
+    """A module docstring as ``--help`` text: reST literals and roles become plain words."""
+    text = re.sub(r":(?:func|class|meth|attr|mod|data):`~?([^`]+)`", r"\1", doc or "")
+    return text.replace("``", "")
+
+
 # ----- ntcov demo ----------------------------------------------------------------------------
 
 
@@ -61,6 +82,7 @@ def add_demo(subparsers: argparse._SubParsersAction) -> None:
     defaults = DemoConfig()
     parser = subparsers.add_parser(
         "demo",
+        formatter_class=DefaultsFormatter,
         help="train an MLP on digits and check Price's equation at every step",
         description=(
             "Train an MLP on scikit-learn's 8×8 digits by full-batch SGD. Before each step, "
@@ -111,6 +133,7 @@ def run_demo(args: argparse.Namespace) -> int:
 def add_validate(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "validate",
+        formatter_class=DefaultsFormatter,
         help="check Price's equation against real training across lr, batch size, optimizer",
         description=(
             "Train an MLP and a CNN on the digits, one factor at a time around a baseline "
@@ -170,7 +193,12 @@ def add_experiment(subparsers: argparse._SubParsersAction) -> None:
     names = parser.add_subparsers(title="experiments", metavar="NAME")
     for name in EXPERIMENTS:
         module = importlib.import_module(f"ntcov.experiments.{name}")
-        sub = names.add_parser(name, help=module.HELP, description=module.__doc__)
+        sub = names.add_parser(
+            name,
+            help=module.HELP,
+            description=plain_text(module.__doc__),
+            formatter_class=DocstringFormatter,
+        )
         module.add_arguments(sub)
         sub.add_argument("--no-progress", action="store_true", help="hide the progress bar")
         sub.set_defaults(handler=module.run_from_args, parser=sub)
@@ -186,8 +214,8 @@ def add_attribute(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "attribute",
         help=attribute.HELP,
-        description=attribute.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=plain_text(attribute.__doc__),
+        formatter_class=DocstringFormatter,
     )
     attribute.add_arguments(parser)
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -203,8 +231,8 @@ def add_kernel(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "kernel",
         help=kernel.HELP,
-        description=kernel.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=plain_text(kernel.__doc__),
+        formatter_class=DocstringFormatter,
     )
     kernel.add_arguments(parser)
     parser.set_defaults(handler=kernel.run_from_args, parser=parser)

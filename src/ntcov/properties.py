@@ -47,7 +47,7 @@ def probs(
     targets = _targets(x, target, "probs")
     return Property.from_per_example(
         model,
-        lambda m, xs, ts: _pick(torch.softmax(m(xs), dim=-1), ts),
+        lambda m, xs, ts: _pick(torch.softmax(_outputs(m, xs, "probs"), dim=-1), ts),
         (x, targets),
         allow_train_mode=allow_train_mode,
         name="probs",
@@ -61,7 +61,7 @@ def log_probs(
     targets = _targets(x, target, "log_probs")
     return Property.from_per_example(
         model,
-        lambda m, xs, ts: _pick(torch.log_softmax(m(xs), dim=-1), ts),
+        lambda m, xs, ts: _pick(torch.log_softmax(_outputs(m, xs, "log_probs"), dim=-1), ts),
         (x, targets),
         allow_train_mode=allow_train_mode,
         name="log_probs",
@@ -84,7 +84,12 @@ def loss(
     fn = loss_fn if loss_fn is not None else nn.CrossEntropyLoss()
     y = _as_tensor(y)
     _check_pair(x, y, "loss")
-    return Property(model, lambda m: fn(m(x), y), allow_train_mode=allow_train_mode, name="loss")
+    return Property(
+        model,
+        lambda m: fn(_outputs(m, x, "loss"), y),
+        allow_train_mode=allow_train_mode,
+        name="loss",
+    )
 
 
 def per_example_loss(
@@ -115,7 +120,7 @@ def per_example_loss(
     unreduced = _unreduced(loss_fn if loss_fn is not None else nn.CrossEntropyLoss())
 
     def rows(m: nn.Module, xs: Tensor, ys: Tensor) -> Tensor:
-        values = unreduced(m(xs), ys)
+        values = unreduced(_outputs(m, xs, "per_example_loss"), ys)
         if values.dim() == 0 or values.shape[0] != xs.shape[0]:
             raise ValueError(
                 f"per_example_loss: loss_fn returned shape {list(values.shape)} for a batch of "
@@ -128,6 +133,18 @@ def per_example_loss(
     return Property.from_per_example(
         model, rows, (x, y), allow_train_mode=allow_train_mode, name="per_example_loss"
     )
+
+
+def _outputs(model: nn.Module, x: Tensor, caller: str) -> Tensor:
+    """``model(x)``, refused with the builder's name when it is not one tensor."""
+    out = model(x)
+    if not isinstance(out, Tensor):
+        raise TypeError(
+            f"{caller}: {type(model).__name__}(x) returned a {type(out).__name__}, expected one "
+            "tensor of outputs [N, C]. Build the property from the output you want, e.g. "
+            "ntcov.Property.from_per_example(model, lambda m, xs: m(xs)['logits'], x)."
+        )
+    return out
 
 
 def _unreduced(loss_fn: LossFn) -> LossFn:

@@ -135,13 +135,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out", default="ntcov-kernel", help="output folder (default: %(default)s)"
     )
-    parser.add_argument("--held-out", type=_positive, default=defaults.held_out, help="K")
-    parser.add_argument("--train", type=_positive, default=None, help="N (default: all 1,438)")
-    parser.add_argument("--gram", type=_positive, default=defaults.gram, help="M")
     parser.add_argument(
-        "--steps", type=_non_negative, default=defaults.steps, help="SGD steps first"
+        "--held-out",
+        type=_positive,
+        default=defaults.held_out,
+        help="K, held-out images whose probability is attributed (default: %(default)s)",
     )
-    parser.add_argument("--seed", type=_non_negative, default=defaults.seed)
+    parser.add_argument(
+        "--train", type=_positive, default=None, help="N, training images (default: all 1,438)"
+    )
+    parser.add_argument(
+        "--gram",
+        type=_positive,
+        default=defaults.gram,
+        help="M, training images in the Gram matrix (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--steps",
+        type=_non_negative,
+        default=defaults.steps,
+        help="full-batch SGD steps before the kernel is taken (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--seed", type=_non_negative, default=defaults.seed, help="seed (default: %(default)s)"
+    )
 
 
 def _positive(text: str) -> int:

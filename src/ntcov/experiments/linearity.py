@@ -550,8 +550,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="ntcov-linearity", help="output folder")
     parser.add_argument("--seed", type=int, default=0, help="data, model and matrix seed")
     parser.add_argument("--quick", action="store_true", help="MLP only, fewer images and steps")
-    parser.add_argument("--steps", type=int, default=None, help="SGD training steps")
-    parser.add_argument("--images", type=int, default=None, help="images for the chain rules")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="SGD training steps (default: per mode)"
+    )
+    parser.add_argument(
+        "--images", type=int, default=None, help="images for the chain rules (default: per mode)"
+    )
     parser.add_argument("--no-float32", action="store_true", help="skip the float32 checks")
 
 
