@@ -116,6 +116,8 @@ def test_a_at_half_the_limit_fails_because_the_network_sharpens(quick_run: Any) 
     assert row["second_order_r2_probs"] >= 0.99
     assert row["error_ratio"] >= 10
     assert result.check("a").passed is False
+    assert result.check("a").verdict == "context"  # shown beside (a′), never a FAIL row
+    assert result.check("a_measured").verdict == "PASS"
 
 
 def test_b_linearity_number_ranks_the_first_order_failures(quick_run: Any) -> None:

@@ -78,7 +78,6 @@ from ntcov.experiments.validate_cells import (
 )
 from ntcov.experiments.validate_checks import (
     Check,
-    _verdict,
 )
 from ntcov.experiments.validate_config import (
     Cell,
@@ -297,7 +296,7 @@ def _console_text(payload: dict[str, Any], files: dict[str, Path]) -> str:
         parts.append(f"Run {payload['status']}; partial results:")
     parts.append(report.format_table(GLANCE_HEADERS, glance_rows(report.to_jsonable(payload))))
     parts.append("Headline checks:")
-    parts += [f"  {_verdict(c.passed):4}  {c.title}: {c.measured}" for c in checks]
+    parts += [f"  {c.verdict:7}  {c.title}: {c.measured}" for c in checks]
     folder = files["results"].parent
     parts.append(
         f"wrote {', '.join(p.name for p in files.values())} to {folder}/ "

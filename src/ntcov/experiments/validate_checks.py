@@ -32,7 +32,11 @@ from ntcov.experiments.validate_config import (
 
 @dataclass(frozen=True)
 class Check:
-    """A headline check: ``passed`` is ``None`` when the cells it needs were not run."""
+    """A headline check: ``passed`` is ``None`` when the cells it needs were not run.
+
+    A ``context`` check is shown beside a criterion to explain it, not judged: its verdict
+    reads "context" whatever ``passed`` says.
+    """
 
     key: str
     title: str
@@ -40,6 +44,12 @@ class Check:
     measured: str
     passed: bool | None
     details: dict[str, Any]
+    context: bool = False
+
+    @property
+    def verdict(self) -> str:
+        """PASS, FAIL, n/a (not run) or context."""
+        return "context" if self.context and self.passed is not None else _verdict(self.passed)
 
 
 def _runs_where(runs: Sequence[CellRun], keep: Callable[[Cell], bool]) -> list[CellRun]:
@@ -83,7 +93,8 @@ def check_a(runs: Sequence[CellRun], count: int, *, measured: bool = False) -> C
     title = (
         "(a′) full-batch GD, measured η·λ_max(t) < 1 throughout (the criterion)"
         if measured
-        else "(a) full-batch GD, η·λ₀ < 1 at initialisation (runs may sharpen past 1)"
+        else "(a) context: full-batch GD with η·λ₀ < 1 at initialisation; runs sharpen past "
+        "η·λ_max = 1, so this is not the criterion (see a′)"
     )
     criterion = (
         f"1st-order R² ≥ {R2_IDEAL} (probabilities: median per step; training loss: over "
@@ -104,7 +115,8 @@ def check_a(runs: Sequence[CellRun], count: int, *, measured: bool = False) -> C
         for row in rows
     ]
     passed = all(r["passed"] for r in rows)
-    return Check(key, title, criterion, "; ".join(parts), passed, {"cells": rows})
+    details = {"cells": rows}
+    return Check(key, title, criterion, "; ".join(parts), passed, details, context=not measured)
 
 
 def _check_a_row(run: CellRun, count: int) -> dict[str, Any]:

@@ -19,7 +19,6 @@ from ntcov.experiments.validate_checks import (
     Check,
     _fmt,
     _runs_where,
-    _verdict,
     all_checks,
     coverage_by_batch,
     linearity_points,
@@ -235,7 +234,7 @@ DETAIL_HEADERS = [
 
 
 def check_rows(checks: Sequence[Check]) -> list[list[str]]:
-    return [[c.title, f"**{_verdict(c.passed)}**", c.measured, c.criterion] for c in checks]
+    return [[c.title, f"**{c.verdict}**", c.measured, c.criterion] for c in checks]
 
 
 def _left_aligned_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
