@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
 
-from ntcov import properties
+from ntcov import Property, properties
 from ntcov.curvature import hessian_vector_product, sharpness
 from ntcov.params import select_params
 
@@ -46,7 +48,7 @@ def test_hessian_vector_product_matches_explicit_hessian() -> None:
 def test_sharpness_is_the_top_eigenvalue() -> None:
     model, x, y = _problem(1)
     eigenvalues = torch.linalg.eigvalsh(_explicit_hessian(model, x, y))
-    top = eigenvalues[eigenvalues.abs().argmax()].item()
+    top = eigenvalues[-1].item()
     estimate = sharpness(properties.loss(model, x, y), iterations=500, tolerance=1e-12)
     assert estimate == pytest.approx(top, rel=1e-6)
 
@@ -57,3 +59,35 @@ def test_sharpness_refuses_non_scalar_and_bad_iterations() -> None:
         sharpness(properties.logits(model, x))
     with pytest.raises(ValueError, match="iterations must be at least 1"):
         sharpness(properties.loss(model, x, y), iterations=0)
+
+
+def _quadratic(coefficients: tuple[float, float]) -> Property:
+    """``a·w₀² + b·w₁²`` of a bias-free ``Linear(2, 1)``: Hessian ``diag(2a, 2b)``."""
+    layer = nn.Linear(2, 1, bias=False).double()
+    a, b = coefficients
+    return Property(layer, lambda m: a * m.weight[0, 0] ** 2 + b * m.weight[0, 1] ** 2)
+
+
+@pytest.mark.parametrize(
+    ("coefficients", "top"),
+    [((1.0, -3.0), 2.0), ((1.0, -1.0), 2.0), ((-2.0, -0.5), -1.0), ((0.5, 3.0), 6.0)],
+    ids=["negative_dominates", "plus_minus_equal", "all_negative", "positive"],
+)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sharpness_is_the_largest_eigenvalue_not_the_largest_magnitude(
+    coefficients: tuple[float, float], top: float, seed: int
+) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        estimate = sharpness(_quadratic(coefficients), seed=seed, tolerance=1e-12, iterations=500)
+    assert estimate == pytest.approx(top, rel=1e-9)
+
+
+def test_an_unsettled_estimate_warns_and_is_a_lower_bound() -> None:
+    model, x, y = _problem(1)
+    top = torch.linalg.eigvalsh(_explicit_hessian(model, x, y))[-1].item()
+    with pytest.warns(RuntimeWarning, match="did not settle in 2 steps"):
+        estimate = sharpness(properties.loss(model, x, y), iterations=2, tolerance=1e-14)
+    assert estimate <= top * (1 + 1e-12)
+    with pytest.raises(ValueError, match="tolerance must be positive"):
+        sharpness(properties.loss(model, x, y), tolerance=0.0)

@@ -192,3 +192,45 @@ def test_bad_inputs_are_refused(digits: tuple[Tensor, Tensor, Tensor]) -> None:
         ntcov.forecast_error(torch.zeros(3, 2), torch.zeros(4, 2))
     with pytest.raises(ValueError, match="threshold"):
         ntcov.forecast_horizon(torch.zeros(3), torch.zeros(3), threshold=0.0)
+
+
+class _TwoHeads(nn.Module):
+    """``forward`` uses ``head``; ``aux`` uses ``other``, which the training loss never sees."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.head, self.other = nn.Linear(64, 16), nn.Linear(16, 10), nn.Linear(16, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.body(x)))
+
+    def aux(self, x: Tensor) -> Tensor:
+        return self.other(torch.tanh(self.body(x)))
+
+
+def test_a_weight_the_loss_does_not_use_is_skipped_like_real_training(
+    digits: tuple[Tensor, Tensor, Tensor],
+) -> None:
+    """AdamW's decoupled decay must not touch ``other``: real autograd leaves its grad unset."""
+    x_train, y_train, x_test = digits
+    torch.manual_seed(0)
+    model = _TwoHeads().double()
+    aux = ntcov.Property(model, lambda m: m.aux(x_test))
+    outputs = properties.logits(model, x_train)
+
+    def factory(ps: list[Tensor]) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.5)
+
+    actual = ntcov.actual_trajectory(aux, outputs, y_train, LOSS, factory, 5)
+    twin = copy.deepcopy(model)
+    optimizer = factory(twin.parameters())
+    real = [twin.aux(x_test).detach()]
+    for _ in range(5):
+        optimizer.zero_grad(set_to_none=True)
+        LOSS(twin(x_train), y_train).backward()
+        optimizer.step()
+        real.append(twin.aux(x_test).detach())
+    assert twin.other.weight.grad is None
+    assert_close(actual, torch.stack(real), rtol=1e-12)
+    relinearised = ntcov.forecast(aux, outputs, y_train, LOSS, factory, 5, relinearize_every=1)
+    assert_close(relinearised.trajectory, actual, rtol=1e-10)

@@ -7,6 +7,11 @@ when η·λ_max is well below 1.
 
 from __future__ import annotations
 
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -46,33 +51,96 @@ def sharpness(
     tolerance: float = 1e-4,
     seed: int = 0,
 ) -> float:
-    """The largest-magnitude Hessian eigenvalue ``λ_max`` by power iteration on ``H v``.
+    """The largest Hessian eigenvalue ``λ_max`` of a scalar property, by power iteration on ``H v``.
 
-    Cost: one double-backward pass per iteration; stops when the Rayleigh quotient changes by
-    less than ``tolerance`` (relative) between iterations.
+    Plain power iteration finds the eigenvalue of largest *magnitude*. When that one is negative,
+    or the iteration does not settle (eigenvalues ``±λ`` of equal size), a second power
+    iteration on the shifted ``H + σI`` (``σ = ‖H v‖``, so its spectrum is ``≥ 0``) finds
+    ``λ_max + σ``. Each phase stops when the residual ``‖Hv − λv‖ ≤ √tolerance · |λ|`` (the
+    eigenvalue is then off by at most ``tolerance · λ² / gap``, ``gap`` the distance to the next
+    eigenvalue), after at most ``iterations`` steps; an unsettled estimate (a lower bound on
+    ``λ_max``) warns. Cost: one double-backward pass per step.
     """
     if iterations < 1:
         raise ValueError(f"sharpness: iterations must be at least 1, got {iterations}.")
+    if not tolerance > 0:
+        raise ValueError(f"sharpness: tolerance must be positive, got {tolerance!r}.")
     weights = select_params(loss.module, params)
     gradient(loss, weights, caller="sharpness")  # the scalar and dependence checks
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    vector = {
+    start = {
         n: torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device)
         for n, p in weights.items()
     }
-    estimate = 0.0
+
+    def hvp(vector: ParamDict) -> ParamDict:
+        return hessian_vector_product(loss, vector, params)
+
+    top = _power(hvp, start, iterations, tolerance)
+    if top.converged and top.value > 0:
+        return top.value  # the largest-magnitude eigenvalue is positive: it is λ_max
+    shift = top.norm
+
+    def shifted(vector: ParamDict) -> ParamDict:
+        return {n: h + shift * vector[n] for n, h in hvp(vector).items()}
+
+    moved = _power(shifted, start, iterations, tolerance)
+    result = _Power(moved.value - shift, moved.norm, moved.residual, moved.converged)
+    if not result.converged and top.value > result.value:
+        result = top  # both are lower bounds on λ_max: keep the larger
+    if not result.converged:
+        _warn_unsettled(result, iterations)
+    return result.value
+
+
+@dataclass(frozen=True)
+class _Power:
+    """One power iteration's outcome: Rayleigh quotient, ``‖A v‖``, residual, settled or not."""
+
+    value: float
+    norm: float
+    residual: float
+    converged: bool
+
+
+def _power(
+    apply: Callable[[ParamDict], ParamDict], start: ParamDict, iterations: int, tolerance: float
+) -> _Power:
+    """Power iteration of the symmetric operator ``apply`` from ``start``."""
+    vector = _normalised(start)
+    outcome = _Power(0.0, 0.0, math.inf, False)
     for _ in range(iterations):
-        vector = _normalised(vector)
-        hv = hessian_vector_product(loss, vector, params)
-        previous, estimate = estimate, float(_dot(vector, hv))
-        vector = hv
-        if abs(estimate - previous) <= tolerance * abs(estimate):
+        av = apply(vector)
+        value = float(_dot(vector, av))
+        residual, norm = _norm(_axpy(av, vector, -value)), _norm(av)
+        outcome = _Power(value, norm, residual, residual <= math.sqrt(tolerance) * abs(value))
+        if outcome.converged:
             break
-    return estimate
+        vector = _normalised(av)
+    return outcome
+
+
+def _warn_unsettled(outcome: _Power, iterations: int) -> None:
+    warnings.warn(
+        f"sharpness: the power iteration did not settle in {iterations} steps (residual "
+        f"‖Hv − λv‖ = {outcome.residual:.3g} against λ = {outcome.value:.6g}); the estimate is "
+        "a lower bound on λ_max. Pass more iterations for a tighter value.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def _axpy(a: ParamDict, b: ParamDict, scale: float) -> ParamDict:
+    """``a + scale · b``, entry by entry."""
+    return {n: a[n] + scale * b[n] for n in a}
 
 
 def _dot(a: ParamDict, b: ParamDict) -> Tensor:
     return torch.stack([(a[n] * b[n]).sum() for n in a]).sum()
+
+
+def _norm(vector: ParamDict) -> float:
+    return float(_dot(vector, vector).sqrt())
 
 
 def _normalised(vector: ParamDict) -> ParamDict:

@@ -210,10 +210,14 @@ def _linearised_gradient(
 def _step(
     optimizer: torch.optim.Optimizer, weights: ParamDict, grads: Mapping[str, Tensor | None]
 ) -> None:
-    """One optimizer step with the given gradients (``None``: the weight is unused, zero)."""
+    """One optimizer step with the given gradients.
+
+    ``None`` (a weight the loss does not use) leaves ``.grad`` unset, as real autograd does, so
+    the optimizer skips that weight: no weight decay, momentum or state update for it.
+    """
     for name, w in weights.items():
         g = grads[name]
-        w.grad = torch.zeros_like(w) if g is None else g.detach()
+        w.grad = None if g is None else g.detach()
     optimizer.step()
 
 

@@ -34,6 +34,9 @@ from ntcov.params import ParamDict, select_params
 from ntcov.predict import StepPrediction, predict_step
 from ntcov.property import Property
 
+# λ₀ sets every cell's learning rate (η = scale / λ₀): power iteration to a 1e-3 residual
+SHARPNESS_ITERATIONS = 400
+
 # ----- models, properties and optimizers -----------------------------------------------------
 
 
@@ -74,7 +77,8 @@ def prepare_model(name: str, config: ValidateConfig) -> ModelInfo:
             "baseline cell."
         )
     model = build_model(name, config)
-    lam = sharpness(properties.loss(model, split.x_train, split.y_train), seed=config.seed)
+    loss = properties.loss(model, split.x_train, split.y_train)
+    lam = sharpness(loss, seed=config.seed, iterations=SHARPNESS_ITERATIONS, tolerance=1e-6)
     count = sum(p.numel() for p in model.parameters())
     return ModelInfo(name=name, split=split, sharpness=lam, num_params=count)
 
