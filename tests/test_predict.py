@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from statistics import NormalDist
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -201,9 +202,10 @@ def test_prediction_changes_nothing() -> None:
         p.grad = torch.ones_like(p)
     state = copy.deepcopy(optimizer.state_dict())
     weights = copy.deepcopy(s.model.state_dict())
-    ntcov.predict_step(
-        s.logits, s.loss, optimizer, order=2, batch_size=8, per_example_loss=s.per_example_loss
-    )
+    with pytest.warns(ntcov.ApproximationWarning):
+        ntcov.predict_step(
+            s.logits, s.loss, optimizer, order=2, batch_size=8, per_example_loss=s.per_example_loss
+        )
     after = optimizer.state_dict()
     for key, entry in state["state"].items():
         for name, tensor in entry.items():
@@ -225,8 +227,9 @@ def test_prediction_is_the_same_inside_no_grad() -> None:
         batch_size=8,
         per_example_loss=s.per_example_loss,
     )
-    outside = run()
-    with torch.no_grad():
+    with pytest.warns(ntcov.ApproximationWarning):
+        outside = run()
+    with torch.no_grad(), pytest.warns(ntcov.ApproximationWarning):
         inside = run()
     for name in ("first_order", "force", "bias", "second_order", "std"):
         assert torch.equal(getattr(inside, name), getattr(outside, name)), name
@@ -322,6 +325,39 @@ def test_second_order_falls_back_to_reverse_mode() -> None:
 def _grads(loss: Property, weights: dict[str, Tensor]) -> tuple[Tensor, ...]:
     leaves = _leaves(weights)
     return torch.autograd.grad(loss(leaves), list(leaves.values()))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda p: torch.optim.Adam(p, lr=1e-3),
+        lambda p: torch.optim.AdamW(p, lr=1e-3),
+        lambda p: torch.optim.RMSprop(p, lr=1e-3),
+        lambda p: torch.optim.Adagrad(p, lr=1e-3),
+    ],
+    ids=["adam", "adamw", "rmsprop", "adagrad"],
+)
+def test_adaptive_optimizers_warn_that_the_minibatch_spread_is_approximate(make) -> None:
+    s = make_setup()
+    optimizer = make(s.model.parameters())
+    with pytest.warns(ntcov.ApproximationWarning, match="metric M depends on the gradient"):
+        ntcov.predict_step(
+            s.logits, s.loss, optimizer, batch_size=np.int64(4), per_example_loss=s.per_example_loss
+        )
+    ntcov.predict_step(s.logits, s.loss, optimizer)  # full batch: no warning (errors are raised)
+
+
+def test_sgd_minibatch_is_quiet_and_numpy_batch_sizes_count() -> None:
+    s = make_setup()
+    optimizer = torch.optim.SGD(s.model.parameters(), lr=0.1, momentum=0.9)
+    pred = ntcov.predict_step(
+        s.logits, s.loss, optimizer, batch_size=np.int64(4), per_example_loss=s.per_example_loss
+    )
+    assert pred.batch_size == 4 and type(pred.batch_size) is int
+    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+        ntcov.predict_step(
+            s.logits, s.loss, optimizer, batch_size=4.0, per_example_loss=s.per_example_loss
+        )
 
 
 def test_bad_arguments_are_refused() -> None:

@@ -18,13 +18,14 @@ from ntcov.covariance import Strategy, ntcov, ntvar, rate
 from ntcov.forecast import Forecast, actual_trajectory, forecast, forecast_error, forecast_horizon
 from ntcov.metric import OptimizerStep, optimizer_step
 from ntcov.monitor import Monitor, UpdateSource
-from ntcov.predict import Sampling, StepPrediction, predict_step
+from ntcov.predict import ApproximationWarning, Sampling, StepPrediction, predict_step
 from ntcov.property import Property
 from ntcov.sketch import Sketch, sketch_ntcov
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ApproximationWarning",
     "Contributions",
     "FallbackWarning",
     "Forecast",

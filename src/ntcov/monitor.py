@@ -808,8 +808,8 @@ def _markdown(
     plotted: bool,
     unchecked: str | None = None,
 ) -> str:
-    headers = ["property", "entries", "R²", "sign agreement", "median rel. error", "median step"]
-    headers.append("non-finite steps")
+    headers = ["property", "entries", "R²", "sign agreement", "median rel. error"]
+    headers += ["median per-step rel. error", "non-finite steps"]
     rows: list[list[report.Cell]] = [
         [
             name,
@@ -830,6 +830,10 @@ def _markdown(
         + _update_error_line(errors, unchecked),
         "",
         report.format_markdown_table(headers, rows),
+        "",
+        "R² and sign agreement over every (step, entry) pair of predicted and actual change; "
+        "median rel. error: median of |pred − act| / |act| over those pairs; median per-step "
+        "rel. error: median over steps of ‖pred − act‖ / ‖act‖ across a property's entries.",
     ]
     if diverged:
         lines += [

@@ -938,7 +938,9 @@ def _contract_tiles(
             columns = slice(offsets[1] + j0 * y.entries, offsets[1] + j1 * y.entries)
             target = out[rows, columns]
             contract_into(target, tile_x, _slice(y, j0, j1), choice, weights)
-            if diagonal is not None and not (diagonal and j0 == i0):
+            if diagonal and j0 == i0:  # BLAS need not round A Aᵀ symmetrically: mirror it
+                target.copy_(target.triu() + target.triu(1).T)
+            elif diagonal is not None:
                 out[columns, rows] = target.T
 
 

@@ -57,17 +57,33 @@ def cell_payload(run: CellRun, config: ValidateConfig) -> dict[str, Any]:
     }
 
 
+def _model_notes(config: ValidateConfig) -> list[str]:
+    if "cnn" not in config.models:
+        return []
+    smooth = config.cnn_activation != "relu"
+    return [
+        f"The CNN's activation is {config.cnn_activation} (cnn_activation). The second-order "
+        "term ½ΔwᵀH_xΔw assumes a smooth network: "
+        + (
+            "with ReLU its Hessian is zero between the kinks, so where activation patterns "
+            "flip the error stays first-order-sized; ValidateConfig(cnn_activation='relu') "
+            "shows it."
+            if smooth
+            else "with ReLU, as here, its Hessian is zero between the kinks, so where "
+            "activation patterns flip the error stays first-order-sized."
+        )
+    ]
+
+
 def notes(config: ValidateConfig) -> list[str]:
     """What a reader must know to read the numbers."""
     return [
+        *_model_notes(config),
         "η·λ₀ uses the sharpness λ₀ = λ_max of the training loss at initialisation; the "
         "sharpness grows during training (progressive sharpening), so the η·λ_max a run "
         "actually reaches is larger (measured every "
         f"{config.sharpness_every} steps for {', '.join(config.sharpness_models) or 'no model'}).",
-        f"The CNN's activation is {config.cnn_activation} (cnn_activation). The second-order "
-        "term of (a) assumes a smooth network: with ReLU its Hessian is zero between the kinks, "
-        "which it cannot see (measured at η·λ₀ = 0.1: error cut 2.6×, against 175× with tanh, "
-        "while first order holds at R² 0.999 in both).",
+        "η·λ_max reached is measured for the full-batch SGD cells only (— elsewhere).",
         "R² is over the K tracked changes of one step (held-out probabilities and both losses); "
         "the table shows its median over the steps. The training loss's R² in (a) is over the "
         "steps (one change per step).",
@@ -79,8 +95,7 @@ def notes(config: ValidateConfig) -> list[str]:
         "results.json).",
         "The linearity number of a step is the median over its properties of "
         "StepPrediction.linearity = |½ΔwᵀH_xΔw| / |J_xΔw|; the norm ratio ‖2nd‖/‖1st‖ is "
-        "reported next to it. A second-order term cannot see a ReLU network's kinks: where "
-        "activation patterns flip, the CNN's error stays first-order-sized.",
+        "reported next to it.",
         f"Minibatch cells use η·λ₀ = {config.minibatch_lr_scale:g} so that the curvature bias "
         "of a noisy step is negligible next to its noise (z mean ≈ 0); the intervals are the "
         "2.5% and 97.5% quantiles of the minibatch mean of the per-example contributions "
@@ -90,7 +105,8 @@ def notes(config: ValidateConfig) -> list[str]:
         "next to them. Their forecast is "
         "skipped (a frozen-kernel forecast is a full-batch object).",
         f"Momentum uses the baseline η (effective rate η/(1 − μ) = {1 / (1 - config.momentum):g}×"
-        f"); Adam and AdamW use lr = {config.adam_lr:g} (AdamW weight decay "
+        f", a larger step with a larger second-order part); Adam and AdamW (the cells marked "
+        f"lr=adam) use lr = {config.adam_lr:g} (AdamW weight decay "
         f"{config.adamw_weight_decay:g}).",
         f"The CNN trains on its first {config.cnn_train_examples or 'all'} training images "
         f"and for {config.cnn_steps} steps (float64 convolutions are slow on CPUs), with "
@@ -283,7 +299,9 @@ def report_markdown(payload: dict[str, Any], config: ValidateConfig, figures: li
 
 
 GLANCE_LEGEND = (
-    "R²: median over steps of the per-step R² of the prediction over the K tracked changes; "
+    "R²: median over steps of the per-step R² of the prediction over the K tracked changes "
+    "(probabilities and both losses; check (a) takes the probabilities alone, so its R² "
+    "differs); "
     f"✓ ≥ {R2_IDEAL}, ~ ≥ {R2_NEAR}, ✗ below; the worst step's R² shows what a median hides. "
     "η·λ_max reached: the largest sharpness measured along the run (every few steps; a "
     "blow-up between two measurements is missed). Held-out accuracy at the end, and the step "
