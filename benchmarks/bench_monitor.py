@@ -10,8 +10,9 @@ Settings (stated in the JSON):
   (:func:`ntcov.experiments.minilm.build_setup`, frozen layers cached) with AdamW on minibatches
   of 8 sentence pairs; the monitor watches the cosine similarities of the held-out pairs (16).
 
-Each is timed as ``plain`` (no monitor), ``optimizer`` (the default monitor: ``Δw`` from the
-optimizer's state) and ``observed`` (``update="observed"``: ``Δw`` taken from the step). Every
+Each is timed as ``plain`` (no monitor), ``observed`` (the default monitor: ``Δw`` taken from
+the step) and ``optimizer`` (``update="optimizer"``: ``Δw = −M·p.grad + b`` from the optimizer's
+state before the step). Every
 repeat builds the model afresh and runs the variants in turn, so that load from other processes
 hits them alike; the medians over repeats are reported, with the overhead ``t / t_plain − 1``.
 Only the training steps are timed (the monitor's start and its final report are one-off costs,
