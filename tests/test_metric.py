@@ -263,3 +263,5 @@ def test_errors_name_the_offending_parameter() -> None:
         optimizer_step(optimizer, model, {**grad, "fc.weight": torch.zeros(1)})
     with pytest.raises(ValueError, match=r"grad\['0.bias'\].*\[8\]"):
         optimizer_step(optimizer, model, {**grad, "0.bias": torch.zeros(3, dtype=DTYPE)})
+    with pytest.raises(ValueError, match=r"grad\['0.bias'\] is torch.float32 on cpu"):
+        optimizer_step(optimizer, model, {**grad, "0.bias": grad["0.bias"].float()})

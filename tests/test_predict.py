@@ -18,6 +18,7 @@ from torch.func import functional_call, hessian
 
 import ntcov
 from ntcov import FallbackWarning, Property, properties
+from ntcov import predict as predict_module
 from ntcov.metric import optimizer_step
 from ntcov.params import select_params
 from ntcov.predict import _second_directional_reverse, second_directional
@@ -554,3 +555,26 @@ def test_own_curvature_can_be_skipped_and_the_normal_interval_is_centred_on_its_
     centre = full.first_order + full.second_contributions.mean(-1)
     torch.testing.assert_close((low + high) / 2, centre)
     torch.testing.assert_close((high - low) / 2, NormalDist().inv_cdf(0.975) * full.std)
+
+
+@pytest.mark.parametrize("sampling", list(ntcov.Sampling))
+def test_simulated_minibatch_means_are_the_means_of_the_drawn_examples(
+    sampling: ntcov.Sampling, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Gathered in chunks (here 7 draws at a time), each sample is its minibatch's mean."""
+    contributions = torch.randn(
+        2, 3, 50, dtype=torch.float64, generator=torch.Generator().manual_seed(1)
+    )
+    whole = predict_module._minibatch_means(contributions, 4, sampling, 40, seed=3)
+    monkeypatch.setattr(predict_module, "GATHER_ELEMENTS", 6 * 4 * 7)
+    chunked = predict_module._minibatch_means(contributions, 4, sampling, 40, seed=3)
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=0)
+    generator = torch.Generator().manual_seed(3)
+    if sampling is ntcov.Sampling.WITHOUT_REPLACEMENT:
+        index = predict_module._disjoint_batches(50, 4, 40, generator)
+        assert all(len(set(row.tolist())) == 4 for row in index)
+    else:
+        index = torch.randint(0, 50, (40, 4), generator=generator)
+    flat = contributions.reshape(6, 50)
+    brute = torch.stack([sum(flat[:, int(i)] for i in row) / 4 for row in index], dim=1)
+    torch.testing.assert_close(whole, brute, rtol=1e-14, atol=1e-15)

@@ -294,6 +294,12 @@ def _check_entry(name: str, param: Tensor, grad: Tensor) -> None:
             f"optimizer_step: grad[{name!r}] is {shape}, expected a tensor of the parameter's "
             f"shape {list(param.shape)}."
         )
+    if grad.dtype != param.dtype or grad.device != param.device:
+        raise ValueError(
+            f"optimizer_step: grad[{name!r}] is {grad.dtype} on {grad.device}, the parameter "
+            f"{param.dtype} on {param.device}; torch's own step refuses such a .grad. Convert "
+            "it, e.g. grad.to(param)."
+        )
     if grad.is_sparse or param.is_complex():
         raise ValueError(
             f"optimizer_step: parameter {name!r} is complex or has a sparse gradient; only real "

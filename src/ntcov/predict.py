@@ -28,7 +28,7 @@ heavy-tailed, so for small ``B`` the normal interval ``total ± z·std`` covers 
 distribution of the minibatch mean ``c̄_B`` itself: at ``B = 1`` it is exactly one draw of
 ``c_i``, so the interval is the interpolated empirical quantiles of ``{c_i}`` over ``i``; for
 ``B > 1`` the quantiles of ``c̄_B`` over ``draws`` simulated minibatches (seeded; cost
-``K·N·draws``, using the ``[K, N]`` contributions already computed). Either is shifted by
+``K·B·draws``, using the ``[K, N]`` contributions already computed). Either is shifted by
 ``total − force`` — the bias and (``order=2``) the second-order term of the *mean* step.
 
 A minibatch step has its own curvature term. At ``B = 1`` (``order=2``) it is computed for every
@@ -403,6 +403,9 @@ def _minibatch_std(contributions: Tensor, batch_size: int, sampling: Sampling) -
     return (variance / batch_size * factor).sqrt().reshape(contributions.shape[:-1])
 
 
+GATHER_ELEMENTS = 1 << 22  # contributions gathered at once by _minibatch_means
+
+
 def _minibatch_means(
     contributions: Tensor, batch_size: int, sampling: Sampling, draws: int, seed: int
 ) -> Tensor:
@@ -411,7 +414,7 @@ def _minibatch_means(
     ``B = 1``: the ``N`` contributions themselves (the exact distribution, ``D = N``). Else
     ``D = draws`` random minibatches (without replacement: consecutive blocks of ``B`` of random
     permutations, as an epoch of shuffled minibatches; each block is a uniform random subset),
-    as ``C @ S`` with ``S`` ``[N, D]`` holding ``1/B`` at each drawn example (cost ``K·N·D``).
+    gathered ``GATHER_ELEMENTS`` at a time (cost and memory ``K·D·B``, never ``N·D``).
     """
     count = contributions.shape[-1]
     flat = contributions.reshape(-1, count)
@@ -422,9 +425,12 @@ def _minibatch_means(
         index = _disjoint_batches(count, batch_size, draws, generator)
     else:
         index = torch.randint(0, count, (draws, batch_size), generator=generator)
-    selection = torch.zeros(draws, count, dtype=flat.dtype)
-    selection.scatter_add_(1, index, torch.full(index.shape, 1.0 / batch_size, dtype=flat.dtype))
-    return flat @ selection.to(flat.device).T
+    index = index.to(flat.device)
+    means = flat.new_empty(flat.shape[0], draws)
+    chunk = max(1, GATHER_ELEMENTS // (flat.shape[0] * batch_size))  # memory K·chunk·B
+    for start in range(0, draws, chunk):
+        means[:, start : start + chunk] = flat[:, index[start : start + chunk]].mean(-1)
+    return means
 
 
 def _disjoint_batches(
