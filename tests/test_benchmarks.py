@@ -31,3 +31,11 @@ def test_bench_rate_quick_agrees_and_writes_json(tmp_path: Path) -> None:
     for row in rows:
         assert max(row["max_rel_diff"].values()) < 1e-4
         assert row["ratios"]["rate/floor"] > 0
+
+
+def test_adam_minibatch_interval_script_runs(capsys) -> None:
+    _load("adam_minibatch_interval").main()
+    out = capsys.readouterr().out
+    simulated = next(line for line in out.splitlines() if line.startswith("simulated"))
+    coverage = float(simulated.split("coverage")[1].split()[0])
+    assert 0.9 <= coverage <= 0.99

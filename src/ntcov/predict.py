@@ -20,7 +20,9 @@ With minibatches of ``B`` of the ``N`` examples (``L = mean_i ℓ_i``), the forc
 AdamW, RMSprop, Adagrad) ``M`` is frozen at the full-batch gradient, and the second-order term
 is that of the mean step. A real minibatch step normalises by its own gradient, so while the
 optimizer's state is young the predicted spread can be far too wide (a fresh Adam on the
-digits: 6–100×); :class:`ApproximationWarning` says so whenever ``batch_size`` is given.
+digits: 6–100×). So by default ``predict_step`` simulates ``SIMULATED_STEPS`` real minibatch
+steps for them instead (``simulate``); ``simulate=0`` keeps the frozen ``M`` and warns
+(:class:`ApproximationWarning`).
 
 Prediction intervals (:meth:`StepPrediction.interval`). The ``c_i`` are often skewed and
 heavy-tailed, so for small ``B`` the normal interval ``total ± z·std`` covers too little (at
@@ -105,6 +107,10 @@ class StepPrediction:
       ``batch_size``; their mean over ``i`` is ``force``), else ``None``.
     - ``second_contributions``: at ``B = 1`` with ``order=2``, each example's own second-order
       term ``q_i = ½ Δw_iᵀ H_x Δw_i``, ``Δw_i = −M ∇ℓ_i + b``, ``[*S, N]``; else ``None``.
+    - ``simulated``: with ``simulate``, the first-order changes ``J_x Δw_d`` of ``D`` simulated
+      minibatch steps under the optimizer's real rule, ``[*S, D]``; ``std`` is their spread,
+      their mean the expected minibatch change (for an adaptive optimizer not ``first_order``,
+      the full-batch step's). Else ``None``.
     """
 
     value: Tensor
@@ -117,6 +123,7 @@ class StepPrediction:
     contributions: Tensor | None = None
     sampling: Sampling = Sampling.WITHOUT_REPLACEMENT
     second_contributions: Tensor | None = None
+    simulated: Tensor | None = None
 
     @property
     def total(self) -> Tensor:
@@ -152,10 +159,14 @@ class StepPrediction:
         the quantiles of the minibatch mean ``c̄_B`` exact at ``B = 1`` and estimated from ``draws``
         simulated minibatches (``torch.Generator`` seeded with ``seed``) for ``B > 1``. With
         ``second_contributions`` (``B = 1``, ``order=2``): ``bias + q_{(1∓level)/2}(c_i + q_i)``.
+        With ``simulated`` steps: their quantiles (``NORMAL``: their mean ``± z·std``), plus the
+        mean step's second-order term.
         """
         if not 0 < level < 1:
             raise ValueError(f"StepPrediction.interval: level must be in (0, 1), got {level}.")
         chosen = _as_interval_method(method)
+        if self.simulated is not None:
+            return self._simulated_interval(self.simulated, level, chosen)
         if chosen is IntervalMethod.NORMAL or self.contributions is None or not self.std.any():
             z = NormalDist().inv_cdf(0.5 + level / 2)
             centre = self.total
@@ -177,6 +188,18 @@ class StepPrediction:
         low, high = _quantiles(means, (0.5 - level / 2, 0.5 + level / 2))
         return shift + low.reshape(shift.shape), shift + high.reshape(shift.shape)
 
+    def _simulated_interval(
+        self, simulated: Tensor, level: float, method: IntervalMethod
+    ) -> tuple[Tensor, Tensor]:
+        shift = self.second_order if self.second_order is not None else 0.0
+        if method is IntervalMethod.NORMAL:
+            z = NormalDist().inv_cdf(0.5 + level / 2)
+            centre = simulated.mean(-1) + shift
+            return centre - z * self.std, centre + z * self.std
+        flat = simulated.reshape(-1, simulated.shape[-1])
+        low, high = _quantiles(flat, (0.5 - level / 2, 0.5 + level / 2))
+        return shift + low.reshape(self.std.shape), shift + high.reshape(self.std.shape)
+
 
 def predict_step(
     x: Property,
@@ -188,6 +211,7 @@ def predict_step(
     per_example_loss: Property | None = None,
     sampling: Sampling | str = Sampling.WITHOUT_REPLACEMENT,
     own_curvature: bool = True,
+    simulate: int | None = None,
 ) -> StepPrediction:
     """Predict the change of ``x`` when ``optimizer`` steps on the gradient of ``loss``.
 
@@ -201,9 +225,17 @@ def predict_step(
     example's own second-order term ``second_contributions`` (see the module docstring), which
     the interval and ``std`` then include.
 
+    ``simulate=D`` (with ``batch_size``) draws ``D`` minibatches and takes the optimizer's real
+    rule on each one's own gradient (``simulated``, ``[*S, D]``); ``std`` and the interval then
+    come from these steps. Default: ``SIMULATED_STEPS`` for Adam, AdamW, RMSprop and Adagrad,
+    whose step is not linear in the gradient (a minibatch step normalises by its own), and 0 for
+    SGD, whose per-example contributions are exact. ``simulate=0`` with an adaptive optimizer
+    freezes ``M`` at the full-batch gradient and warns (:class:`ApproximationWarning`).
+
     Cost: one backward pass of ``loss``, one or two JVPs of ``x``; a nested JVP for
     ``order=2``; ``ntcov(x, per_example_loss)`` (``[*S, N]``) for the minibatch noise; ``N``
-    nested JVPs of ``x`` for ``own_curvature`` at ``B = 1``.
+    nested JVPs of ``x`` for ``own_curvature`` at ``B = 1``; per simulated step, one backward
+    pass of ``per_example_loss`` and one JVP of ``x``.
     """
     _check_properties(x, loss, per_example_loss)
     if not isinstance(own_curvature, bool):
@@ -215,7 +247,8 @@ def predict_step(
     chosen = _as_sampling(sampling)
     batch_size = _as_batch_size(batch_size)
     count = _check_minibatch(batch_size, per_example_loss, loss, chosen)
-    if count is not None and type(optimizer) in ADAPTIVE:
+    draws = _simulated_steps(simulate, optimizer, count)
+    if count is not None and type(optimizer) in ADAPTIVE and draws == 0:
         _warn_adaptive_minibatch(optimizer)
     weights = select_params(x.module)
     grad = _loss_gradient(loss, weights)
@@ -238,9 +271,91 @@ def predict_step(
             ).movedim(0, -1)  # [N, *S] -> [*S, N], as the contributions
         spread = contributions if own is None else contributions + own
         std = _minibatch_std(spread, batch_size, chosen)
+    simulated = None
+    if draws and per_example_loss is not None and batch_size is not None:
+        draw = _Draw(batch_size, chosen, draws, seed=0)
+        simulated = simulate_steps(x, per_example_loss, optimizer, weights, draw)
+        std = simulated.std(-1, correction=0)
     return StepPrediction(
-        value, force, bias, force + bias, second, std, batch_size, contributions, chosen, own
+        value,
+        force,
+        bias,
+        force + bias,
+        second,
+        std,
+        batch_size,
+        contributions,
+        chosen,
+        own,
+        simulated,
     )
+
+
+SIMULATED_STEPS = 500  # real optimizer steps simulated by default for an adaptive optimizer
+
+
+@dataclass(frozen=True)
+class _Draw:
+    """How minibatches are drawn: ``draws`` batches of ``batch_size``, seeded."""
+
+    batch_size: int
+    sampling: Sampling
+    draws: int
+    seed: int
+
+    def index(self, count: int) -> Tensor:
+        """``[draws, B]`` example indices out of ``count``."""
+        generator = torch.Generator().manual_seed(self.seed)
+        if self.sampling is Sampling.WITHOUT_REPLACEMENT:
+            return _disjoint_batches(count, self.batch_size, self.draws, generator)
+        return torch.randint(0, count, (self.draws, self.batch_size), generator=generator)
+
+
+def simulate_steps(
+    x: Property,
+    per_example_loss: Property,
+    optimizer: torch.optim.Optimizer,
+    weights: ParamDict,
+    draw: _Draw,
+) -> Tensor:
+    """``J_x Δw_d`` for ``D`` simulated minibatch steps, ``[*S, D]``.
+
+    For each drawn batch ``B_d``: its gradient ``g_d = ∇ mean_{i∈B_d} ℓ_i`` (a backward pass of
+    ``ℓ`` with the cotangent ``1/B`` on the drawn examples), the optimizer's real update
+    ``Δw_d = −M(g_d) g_d + b(g_d)`` (:func:`ntcov.optimizer_step`, the state left untouched),
+    and its first-order change of ``x`` (one JVP).
+    """
+    out, leaves = _autodiff.evaluate(per_example_loss, weights)
+    index = draw.index(out.shape[0]).to(out.device)
+    changes = []
+    for rows in index:
+        cotangent = torch.zeros_like(out).index_add_(
+            0,
+            rows,
+            torch.full(rows.shape, 1.0 / draw.batch_size, dtype=out.dtype, device=out.device),
+        )
+        grads = torch.autograd.grad(
+            out, list(leaves.values()), cotangent, retain_graph=True, allow_unused=True
+        )
+        grad = {n: None if g is None else g.detach() for n, g in zip(leaves, grads, strict=True)}
+        delta = _restrict(optimizer_step(optimizer, x.module, grad).delta(grad), weights)
+        changes.append(_autodiff.directional(x, weights, delta, force_reverse=False)[1])
+    return torch.stack(changes, dim=-1)
+
+
+def _simulated_steps(
+    simulate: int | None, optimizer: torch.optim.Optimizer, count: int | None
+) -> int:
+    """How many minibatch steps to simulate (0: none)."""
+    if simulate is None:
+        return SIMULATED_STEPS if count is not None and type(optimizer) in ADAPTIVE else 0
+    if isinstance(simulate, bool) or not isinstance(simulate, numbers.Integral) or simulate < 0:
+        raise ValueError(f"predict_step: simulate must be an int >= 0, got {simulate!r}.")
+    if simulate == 1:
+        raise ValueError("predict_step: simulate needs at least 2 steps for a spread, got 1.")
+    if simulate and count is None:
+        raise ValueError("predict_step: simulate draws minibatches; pass batch_size too.")
+    return int(simulate)
 
 
 PER_EXAMPLE_CHUNK = 64  # examples whose second directional derivatives are vectorised together
@@ -420,12 +535,7 @@ def _minibatch_means(
     flat = contributions.reshape(-1, count)
     if batch_size == 1:
         return flat
-    generator = torch.Generator().manual_seed(seed)
-    if sampling is Sampling.WITHOUT_REPLACEMENT:
-        index = _disjoint_batches(count, batch_size, draws, generator)
-    else:
-        index = torch.randint(0, count, (draws, batch_size), generator=generator)
-    index = index.to(flat.device)
+    index = _Draw(batch_size, sampling, draws, seed).index(count).to(flat.device)
     means = flat.new_empty(flat.shape[0], draws)
     chunk = max(1, GATHER_ELEMENTS // (flat.shape[0] * batch_size))  # memory K·chunk·B
     for start in range(0, draws, chunk):
@@ -476,12 +586,11 @@ ADAPTIVE = (torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop, torch.opti
 
 def _warn_adaptive_minibatch(optimizer: torch.optim.Optimizer) -> None:
     warnings.warn(
-        f"predict_step: {type(optimizer).__name__}'s metric M depends on the gradient each "
-        "step sees; the minibatch std and interval freeze it at the full-batch gradient. While "
-        "the optimizer's state is young, real minibatch steps are normalised by their own, "
-        "larger gradients and the predicted spread can be far too wide (a fresh Adam on the "
-        "digits: 6-100x); after a few tens of minibatch steps it is close. The full-batch "
-        "prediction (first_order, second_order) is not affected.",
+        f"predict_step: simulate=0 freezes {type(optimizer).__name__}'s metric M at the "
+        "full-batch gradient for the minibatch std and interval, but M depends on the gradient "
+        "each step sees. While the optimizer's state is young, real minibatch steps are "
+        "normalised by their own, larger gradients and this spread can be far too wide (a "
+        "fresh Adam on the digits: 6-100x). Leave simulate at its default to take real steps.",
         ApproximationWarning,
         stacklevel=3,
     )
