@@ -230,3 +230,17 @@ def test_missing_framework_names_the_extra(
     monkeypatch.delitem(sys.modules, module, raising=False)
     with pytest.raises(ImportError, match=rf"pip install 'ntcov\[{extra}\]'"):
         importlib.import_module(module)
+
+
+def test_lightning_refuses_callables_beside_properties_of_a_submodule() -> None:
+    _import_or_skip("lightning.pytorch")
+    from ntcov.integrations.lightning import _monitored_module
+
+    outer = nn.Module()
+    outer.net = _net()
+    x, y = _data()
+    probs = P.probs(outer.net, x[:4], y[:4])
+    assert _monitored_module({"p": probs}, outer) is outer.net
+    assert _monitored_module({"q": lambda m: m.net(x[:4])}, outer) is outer
+    with pytest.raises(ValueError, match=r"properties \['q'\] are callables"):
+        _monitored_module({"p": probs, "q": lambda m: m.net(x[:4])}, outer)

@@ -504,3 +504,17 @@ def test_a_skipped_step_has_an_infinite_update_error_not_a_missing_one(tmp_path:
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved["nonfinite_update_errors"] == 1
     assert "largest update error ‖Δw_pred − Δw‖/‖Δw‖: inf" in (tmp_path / "report.md").read_text()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_models_get_their_report(tmp_path: Path, dtype: torch.dtype) -> None:
+    """NumPy has no bfloat16: the report's rounding floor comes from torch.finfo."""
+    model, (x, y) = _mlp().to(dtype), _data()
+    x = x.to(dtype)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with Monitor(model, {"p": P.probs(model, x[:4], y[:4])}, optimizer=opt, log_dir=tmp_path):
+        for step in range(2):
+            _train_step(model, opt, *_batch(x, y, step))
+    summary = json.loads((tmp_path / "report.json").read_text())
+    assert summary["steps"] == 2 and "p" in summary["properties"]
+    assert (tmp_path / "report.md").exists()

@@ -6,6 +6,10 @@ along the update ``Δw`` the optimizer makes, and measures the actual change:
 
     Δx_pred = J_x Δw,      Δx = x(w + Δw) − x(w)
 
+Both are the weights' doing: buffers the training forward updates (BatchNorm running statistics
+in train mode) have already changed when ``x(w)`` is taken, so their drift is in neither, and
+the recorded changes need not add up to ``x``'s net change over a run.
+
 Where ``Δw`` comes from (``update``, :class:`UpdateSource`):
 
 - ``"observed"`` (the default): the weights are copied before the step, and after it the JVP is
@@ -14,7 +18,8 @@ Where ``Δw`` comes from (``update``, :class:`UpdateSource`):
   optimizers :mod:`ntcov.metric` models (SGD, Adam, AdamW, RMSprop, Adagrad), every
   ``check_update_every``-th monitored step (the first included) also computes the
   optimizer-aware ``Δw = −M ⊙ g + b`` from ``p.grad`` and the optimizer's state before the step
-  and records how far it is from the step taken (``update_error``, ~1e-7 in float32): the check
+  and records how far it is from the step taken (``update_error``, ~1e-13 in float64; in float32
+  1e-7 to 1e-3, as ``w_after − w_before`` cancels when steps are small next to ``w``): the check
   that the observed update *is* the optimizer-aware one, at a fraction of its cost.
 - ``"optimizer"``: the prediction is made before the step, along ``Δw = −M ⊙ g + b`` read from
   the optimizer's state (:func:`~ntcov.optimizer_step`), and ``update_error`` is recorded at
@@ -39,10 +44,10 @@ What is written to ``log_dir``:
   "predicted", "actual"}}}``; each property's vectors are its ``K`` entries flattened in
   row-major order (shape in ``config.json``), non-finite numbers as ``null``. ``step`` counts
   optimizer steps from 0; ``update_error`` is ``‖Δw_pred − Δw‖ / ‖Δw‖`` between the
-  optimizer-aware update and the step the optimizer actually took (~1e-7 in float32 when the
-  optimizer is modelled exactly), ``null`` on steps where it was not checked, and the string
-  ``"inf"`` or ``"nan"`` when the step taken was zero but the modelled one was not (a step the
-  optimizer skipped).
+  optimizer-aware update and the step the optimizer actually took (~1e-13 in float64 when the
+  optimizer is modelled exactly; float32 loses digits in ``w_after − w_before``), ``null`` on
+  steps where it was not checked, and the string ``"inf"`` or ``"nan"`` when the step taken
+  was zero but the modelled one was not (a step the optimizer skipped).
 - ``tensorboard/`` (``tensorboard=True``): summary scalars per step and property under
   ``ntcov/<name>/``: ``predicted`` and ``actual`` for a scalar property; for ``K > 1``
   ``mean_predicted``, ``mean_actual``, ``relative_error`` (``‖pred − act‖ / ‖act‖``) and
@@ -446,8 +451,10 @@ def _claim(folder: Path) -> None:
     key = folder.resolve()
     if key in _RUNNING:
         raise ValueError(
-            f"Monitor: log_dir {str(folder)!r} is in use by another running monitor; give each "
-            "monitor its own log_dir."
+            f"Monitor: log_dir {str(folder)!r} is in use by another running monitor of this "
+            "process; give each monitor its own log_dir. A monitor left open by a run that "
+            "raised (Hugging Face's Trainer has no exception hook, so its NtcovCallback cannot "
+            "close on an error) is closed by callback.monitor.close()."
         )
     _RUNNING.add(key)
 
@@ -741,8 +748,16 @@ def summarize(
         pred, act, value = (
             _stacked(records, name, key) for key in ("predicted", "actual", "value")
         )
-        result[name] = _summary(pred, act, value, np.finfo(info["dtype"]).eps)
+        result[name] = _summary(pred, act, value, _eps(info["dtype"]))
     return result
+
+
+def _eps(dtype: str) -> float:
+    """Machine epsilon of a torch dtype name ("float32", "bfloat16", ...; NumPy has no bf16)."""
+    torch_dtype = getattr(torch, dtype, None)
+    if isinstance(torch_dtype, torch.dtype) and torch_dtype.is_floating_point:
+        return torch.finfo(torch_dtype).eps
+    return float(np.finfo(np.float64).eps)
 
 
 def _stacked(records: list[dict[str, Any]], name: str, key: str) -> np.ndarray:

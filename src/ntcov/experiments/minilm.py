@@ -738,7 +738,8 @@ def report_lines(summary: dict[str, Any], config: MiniLMConfig, wall: float) -> 
         f"cosine similarities, R² = {summary['r_squared']:.4f} (target ≥ {R_SQUARED_TARGET}), "
         f"sign agreement {summary['sign_agreement']:.1%}, relative error "
         f"{summary['relative_error']:.3g} over {summary['steps_done']} AdamW steps at lr "
-        f"{config.lr:g} ({config.dtype}, last {config.trainable_layers} layers fine-tuned); "
+        f"{config.lr:g} ({config.dtype}, last {config.trainable_layers} "
+        f"layer{'' if config.trainable_layers == 1 else 's'} fine-tuned); "
         f"force alone (no AdamW bias) R² = {summary['r_squared_force_only']:.4f}. "
         f"Wall time {wall:.0f} s.",
         "",

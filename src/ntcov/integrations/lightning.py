@@ -45,7 +45,8 @@ class NtcovCallback(Callback):  # type: ignore[misc]
     ``properties`` maps names to :class:`ntcov.Property` objects or to callables
     ``fn(module) -> Tensor`` of the ``LightningModule``. Properties of a submodule (the network
     inside the LightningModule) work too, when the optimizer trains only its parameters: the
-    monitored model is then that submodule. The other arguments are those of
+    monitored model is then that submodule, and callables are refused (they would get it, not
+    the LightningModule). The other arguments are those of
     :class:`ntcov.Monitor`. Only a single optimizer is supported.
     """
 
@@ -98,4 +99,13 @@ def _monitored_module(properties: Mapping[str, PropertyLike], pl_module: nn.Modu
             "NtcovCallback: the properties belong to different modules; build them all from the "
             "LightningModule (or from the same network inside it)."
         )
-    return next(iter(modules.values()), pl_module)
+    model = next(iter(modules.values()), pl_module)
+    callables = sorted(name for name, p in properties.items() if not isinstance(p, Property))
+    if model is not pl_module and callables:
+        raise ValueError(
+            f"NtcovCallback: properties {callables} are callables, which get the monitored "
+            f"module, here the {type(model).__name__} the other properties belong to, not the "
+            "LightningModule. Build them as ntcov.Property objects of that network too, or "
+            "build every property from the LightningModule."
+        )
+    return model
