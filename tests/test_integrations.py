@@ -156,6 +156,21 @@ def _dict_model_probs(model: nn.Module, x: Tensor, y: Tensor):
 
 
 # lightning 2.6 builds torch.utils._pytree.LeafSpec, which torch 2.13 deprecates
+def _lightning_trainer(pl: Any, callback: Any, tmp_path: Path, **extra: Any) -> Any:
+    return pl.Trainer(
+        max_steps=STEPS,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[callback],
+        default_root_dir=str(tmp_path / "out"),
+        **extra,
+    )
+
+
 @pytest.mark.filterwarnings(
     r"ignore:`isinstance\(treespec, LeafSpec\)` is deprecated:FutureWarning"
 )
@@ -188,22 +203,15 @@ def test_lightning_run_writes_records_and_report(
     loader = torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(x, y), batch_size=8, shuffle=False
     )
-    trainer = pl.Trainer(
-        max_steps=STEPS,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[callback],
-        gradient_clip_val=0.05,  # clipped at the end of Lightning's closure, inside step()
-        default_root_dir=str(tmp_path / "out"),
-    )
+    # clipped at the end of Lightning's closure, inside step()
+    trainer = _lightning_trainer(pl, callback, tmp_path, gradient_clip_val=0.05)
     trainer.fit(module, loader)
     _check_run(tmp_path / "ntcov", STEPS)
     assert callback.monitor is None
     assert not trainer.optimizers[0]._optimizer_step_pre_hooks
+    # a second fit with the same callback continues the log (a new optimizer, the same run)
+    _lightning_trainer(pl, callback, tmp_path).fit(module, loader)
+    assert [r["step"] for r in read_records(tmp_path / "ntcov")] == list(range(2 * STEPS))
 
 
 def test_importing_ntcov_imports_no_framework() -> None:

@@ -518,3 +518,32 @@ def test_half_precision_models_get_their_report(tmp_path: Path, dtype: torch.dty
     summary = json.loads((tmp_path / "report.json").read_text())
     assert summary["steps"] == 2 and "p" in summary["properties"]
     assert (tmp_path / "report.md").exists()
+
+
+def test_resume_continues_the_run_in_log_dir(tmp_path: Path) -> None:
+    """Training resumed from a checkpoint: a new monitor with resume=True keeps the records
+    (dropping a line cut short by a crash), counts on and reports over both parts."""
+    model, (x, y) = _mlp(), _data()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    props = {"p": P.probs(model, x[:5], y[:5])}
+    with Monitor(model, props, optimizer=opt, log_dir=tmp_path):
+        for step in range(3):
+            _train_step(model, opt, *_batch(x, y, step))
+    with open(tmp_path / "steps.jsonl", "a", encoding="utf-8") as file:
+        file.write('{"step": 3, "propert')  # killed in the middle of a write
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)  # a new optimizer, as after a restart
+    with Monitor(model, props, optimizer=opt, log_dir=tmp_path, resume=True):
+        for step in range(3, 5):
+            _train_step(model, opt, *_batch(x, y, step))
+    records = read_records(tmp_path)
+    assert [r["step"] for r in records] == [0, 1, 2, 3, 4]
+    seconds = [r["seconds"] for r in records]
+    assert seconds == sorted(seconds)
+    assert json.loads((tmp_path / "report.json").read_text())["steps"] == 5
+    other = {"q": P.probs(model, x[:3], y[:3])}
+    with pytest.raises(ValueError, match="watched other properties"):
+        Monitor(model, other, optimizer=opt, log_dir=tmp_path, resume=True).start()
+    fresh = tmp_path / "fresh"  # nothing to resume: a new run
+    with Monitor(model, props, optimizer=opt, log_dir=fresh, resume=True):
+        _train_step(model, opt, *_batch(x, y, 0))
+    assert [r["step"] for r in read_records(fresh)] == [0]

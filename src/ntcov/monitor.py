@@ -152,7 +152,9 @@ class Monitor:
     (a closure passed to ``step`` is wrapped so that the prediction sees the gradients it
     computes); they are removed on exit, also when the block raises. With ``hooks=False``, call
     :meth:`before_step` and :meth:`after_step` yourself around ``optimizer.step()`` (what the
-    Hugging Face callback does). See the module docstring for the files written to ``log_dir``.
+    Hugging Face callback does). ``resume=True`` continues the run already in ``log_dir``
+    (see :meth:`start`) instead of starting a new one. See the module docstring for the files
+    written to ``log_dir``.
     """
 
     def __init__(
@@ -168,6 +170,7 @@ class Monitor:
         tensorboard: bool = False,
         fsync: bool = False,
         hooks: bool = True,
+        resume: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(
@@ -201,6 +204,9 @@ class Monitor:
         self._unchecked = unmodelled or ("check_update_every=0" if not check_update_every else "")
         self.log_dir = Path(log_dir)
         self._tensorboard, self._fsync, self._hooks = tensorboard, fsync, hooks
+        if not isinstance(resume, bool):
+            raise TypeError(f"Monitor: resume must be True or False, got {resume!r}.")
+        self._resume = resume
         self._file: IO[str] | None = None
         self._board: Any = None
         self._handles: list[Any] = []
@@ -229,7 +235,11 @@ class Monitor:
 
         The first start begins a new run (``steps.jsonl`` truncated); starting the same monitor
         again after :meth:`close` (a ``with monitor:`` block per epoch) continues it: records
-        are appended, ``step`` keeps counting and the report covers every block."""
+        are appended, ``step`` keeps counting and the report covers every block. With
+        ``resume=True`` a new monitor continues the run already in ``log_dir`` (training resumed
+        from a checkpoint): its records are kept (a line cut short by a crash is dropped),
+        ``step`` goes on from the last recorded one and the properties must match its
+        ``config.json``."""
         if self._file is not None:
             raise RuntimeError("Monitor.start: the monitor is already running.")
         if not self.writes:
@@ -237,10 +247,13 @@ class Monitor:
         folder = _output_folder(self.log_dir)
         _claim(folder)
         resumed = self._started and (folder / STEPS_FILE).exists()
+        continued: _Continued | None = None
         try:
-            if not resumed:
+            if not resumed and self._resume and (folder / STEPS_FILE).exists():
+                continued = _continue_run(folder, self._config())
+            if not resumed and continued is None:
                 report.write_json(folder / CONFIG_FILE, {}, config=self._config(), seed=0)
-            mode = "a" if resumed else "w"
+            mode = "a" if resumed or continued else "w"
             self._file = open(folder / STEPS_FILE, mode, encoding="utf-8")  # noqa: SIM115
         except BaseException:
             _release(folder)
@@ -255,7 +268,10 @@ class Monitor:
         except BaseException:
             self._detach()
             raise
-        if not resumed:
+        if continued is not None:
+            self._step, self._recorded = continued.next_step, continued.records
+            self._start = time.perf_counter() - continued.seconds
+        elif not resumed:
             self._step, self._recorded = 0, 0
             self._start = time.perf_counter()
         self._pending, self._between, self._outer = None, False, None
@@ -444,6 +460,35 @@ def _as_properties(model: nn.Module, properties: Mapping[str, PropertyLike]) -> 
 
 
 _RUNNING: set[Path] = set()  # the log_dirs of the monitors running in this process
+
+
+@dataclass(frozen=True)
+class _Continued:
+    """Where a resumed run goes on: its next step, records so far and seconds elapsed."""
+
+    next_step: int
+    records: int
+    seconds: float
+
+
+def _continue_run(folder: Path, config: dict[str, Any]) -> _Continued:
+    """Check ``folder``'s run against ``config`` and drop a last line cut short by a crash."""
+    saved = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))["config"]
+    if saved["properties"] != config["properties"]:
+        raise ValueError(
+            f"Monitor: resume=True but the run in {str(folder)!r} watched other properties "
+            f"({saved['properties']}, now {config['properties']}); use another log_dir."
+        )
+    records = read_records(folder)
+    path = folder / STEPS_FILE
+    text = path.read_text(encoding="utf-8")
+    kept = text[: text.rfind("\n") + 1]  # records end in a newline; a cut line does not
+    if kept != text:
+        path.write_text(kept, encoding="utf-8")
+    if not records:
+        return _Continued(0, 0, 0.0)
+    last = records[-1]
+    return _Continued(int(last["step"]) + 1, len(records), float(last["seconds"]))
 
 
 def _claim(folder: Path) -> None:

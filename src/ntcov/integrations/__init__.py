@@ -32,6 +32,7 @@ class MonitorSettings:
     tensorboard: bool = False
     fsync: bool = False
     check_update_every: int = 100
+    resume: bool = False
 
     def monitor(
         self,
@@ -53,4 +54,5 @@ class MonitorSettings:
             tensorboard=self.tensorboard,
             fsync=self.fsync,
             hooks=hooks,
+            resume=self.resume,
         )

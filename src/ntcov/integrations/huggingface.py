@@ -19,6 +19,7 @@ on the optimizer. The monitor starts at ``on_train_begin`` and writes its report
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,9 @@ class NtcovCallback(TrainerCallback):  # type: ignore[misc]
 
     ``properties`` maps names to :class:`ntcov.Property` objects of the model given to the
     Trainer, or to callables ``fn(model) -> Tensor``. The other arguments are those of
-    :class:`ntcov.Monitor`. ``monitor`` is the running monitor (``None`` outside training).
+    :class:`ntcov.Monitor`. ``monitor`` is the running monitor (``None`` outside training). A
+    second ``train()`` with the same callback continues its log; a new callback continues one
+    with ``resume=True`` (``train(resume_from_checkpoint=...)``), else it starts a new one.
     """
 
     def __init__(
@@ -57,10 +60,17 @@ class NtcovCallback(TrainerCallback):  # type: ignore[misc]
         check_update_every: int = 100,
         tensorboard: bool = False,
         fsync: bool = False,
+        resume: bool = False,
     ) -> None:
         self.properties = dict(properties)
         self.settings = MonitorSettings(
-            log_dir, every, update, tensorboard, fsync, check_update_every=check_update_every
+            log_dir,
+            every,
+            update,
+            tensorboard,
+            fsync,
+            check_update_every=check_update_every,
+            resume=resume,
         )
         self.monitor: Monitor | None = None
 
@@ -72,9 +82,11 @@ class NtcovCallback(TrainerCallback):  # type: ignore[misc]
                 "ntcov needs both (a torch.nn.Module and a torch.optim optimizer)."
             )
         self._close()  # a run that raised before on_train_end
+        # a second run of the same callback (another fit/train) continues its log
         self.monitor = self.settings.monitor(
             model, self.properties, unwrap_optimizer(optimizer), hooks=False
         )
+        self.settings = replace(self.settings, resume=True)
         self.monitor.start()
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:

@@ -19,6 +19,7 @@ when training raises (``on_exception``).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +47,10 @@ class NtcovCallback(Callback):  # type: ignore[misc]
     ``fn(module) -> Tensor`` of the ``LightningModule``. Properties of a submodule (the network
     inside the LightningModule) work too, when the optimizer trains only its parameters: the
     monitored model is then that submodule, and callables are refused (they would get it, not
-    the LightningModule). The other arguments are those of
-    :class:`ntcov.Monitor`. Only a single optimizer is supported.
+    the LightningModule). The other arguments are those of :class:`ntcov.Monitor`. Only a
+    single optimizer is supported. A second ``fit`` with the same callback continues its log; a
+    new callback continues one with ``resume=True`` (training resumed from a checkpoint), else
+    it starts a new one.
     """
 
     def __init__(
@@ -60,10 +63,17 @@ class NtcovCallback(Callback):  # type: ignore[misc]
         check_update_every: int = 100,
         tensorboard: bool = False,
         fsync: bool = False,
+        resume: bool = False,
     ) -> None:
         self.properties = dict(properties)
         self.settings = MonitorSettings(
-            log_dir, every, update, tensorboard, fsync, check_update_every=check_update_every
+            log_dir,
+            every,
+            update,
+            tensorboard,
+            fsync,
+            check_update_every=check_update_every,
+            resume=resume,
         )
         self.monitor: Monitor | None = None
 
@@ -76,7 +86,9 @@ class NtcovCallback(Callback):  # type: ignore[misc]
             )
         self._close()
         model = _monitored_module(self.properties, pl_module)
+        # a second run of the same callback (another fit/train) continues its log
         self.monitor = self.settings.monitor(model, self.properties, optimizers[0], hooks=True)
+        self.settings = replace(self.settings, resume=True)
         self.monitor.start()
 
     def on_train_end(self, trainer: Any, pl_module: nn.Module) -> None:
