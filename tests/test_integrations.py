@@ -132,17 +132,18 @@ def test_huggingface_callback_follows_the_trainer_events(
     )
     handler = CallbackHandler([callback], model, None, opt, None)
     args, state, control = None, TrainerState(), TrainerControl()
-    handler.on_train_begin(args, state, control)
-    for step in range(STEPS):
-        batch = slice(8 * step, 8 * step + 8)
-        opt.zero_grad()
-        model(x[batch], y[batch])["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
-        handler.on_pre_optimizer_step(args, state, control)
-        opt.step()
-        handler.on_optimizer_step(args, state, control)
-    handler.on_train_end(args, state, control)
-    _check_run(tmp_path, STEPS)
+    for run in range(2):  # a second train() with the same callback continues the log
+        handler.on_train_begin(args, state, control)
+        for step in range(STEPS):
+            batch = slice(8 * step, 8 * step + 8)
+            opt.zero_grad()
+            model(x[batch], y[batch])["loss"].backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+            handler.on_pre_optimizer_step(args, state, control)
+            opt.step()
+            handler.on_optimizer_step(args, state, control)
+        handler.on_train_end(args, state, control)
+        _check_run(tmp_path, STEPS * (run + 1))
     assert callback.monitor is None and not opt._optimizer_step_pre_hooks
 
 
@@ -155,7 +156,6 @@ def _dict_model_probs(model: nn.Module, x: Tensor, y: Tensor):
     return Property(model, probs, name="p")
 
 
-# lightning 2.6 builds torch.utils._pytree.LeafSpec, which torch 2.13 deprecates
 def _lightning_trainer(pl: Any, callback: Any, tmp_path: Path, **extra: Any) -> Any:
     return pl.Trainer(
         max_steps=STEPS,
@@ -171,6 +171,7 @@ def _lightning_trainer(pl: Any, callback: Any, tmp_path: Path, **extra: Any) -> 
     )
 
 
+# lightning 2.6 builds torch.utils._pytree.LeafSpec, which torch 2.13 deprecates
 @pytest.mark.filterwarnings(
     r"ignore:`isinstance\(treespec, LeafSpec\)` is deprecated:FutureWarning"
 )
