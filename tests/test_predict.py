@@ -652,3 +652,18 @@ def test_simulated_minibatch_means_are_the_means_of_the_drawn_examples(
     flat = contributions.reshape(6, 50)
     brute = torch.stack([sum(flat[:, int(i)] for i in row) / 4 for row in index], dim=1)
     torch.testing.assert_close(whole, brute, rtol=1e-14, atol=1e-15)
+
+
+def test_simulated_steps_skip_the_per_example_curvature_they_replace() -> None:
+    s = make_setup()
+    optimizer = torch.optim.Adam(s.model.parameters(), lr=1e-3)
+    kwargs = {"batch_size": 1, "per_example_loss": s.per_example_loss, "order": 2}
+    simulated = ntcov.predict_step(s.logits, s.loss, optimizer, simulate=20, **kwargs)
+    assert simulated.second_contributions is None and simulated.simulated is not None
+    with pytest.warns(ntcov.ApproximationWarning):
+        frozen = ntcov.predict_step(s.logits, s.loss, optimizer, simulate=0, **kwargs)
+    assert frozen.second_contributions is not None and frozen.simulated is None
+    with pytest.raises(ValueError, match="simulate must be an int >= 0"):
+        ntcov.predict_step(s.logits, s.loss, optimizer, simulate=-1, **kwargs)
+    with pytest.raises(ValueError, match="pass batch_size too"):
+        ntcov.predict_step(s.logits, s.loss, optimizer, simulate=10)

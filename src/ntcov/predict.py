@@ -223,7 +223,7 @@ def predict_step(
 
     With ``batch_size=1`` and ``order=2``, ``own_curvature`` (default) also computes each
     example's own second-order term ``second_contributions`` (see the module docstring), which
-    the interval and ``std`` then include.
+    the interval and ``std`` then include (not when steps are simulated: those come from them).
 
     ``simulate=D`` (with ``batch_size``) draws ``D`` minibatches and takes the optimizer's real
     rule on each one's own gradient (``simulated``, ``[*S, D]``); ``std`` and the interval then
@@ -247,7 +247,7 @@ def predict_step(
     chosen = _as_sampling(sampling)
     batch_size = _as_batch_size(batch_size)
     count = _check_minibatch(batch_size, per_example_loss, loss, chosen)
-    draws = _simulated_steps(simulate, optimizer, count)
+    draws = _simulation_count(simulate, optimizer, count)
     if count is not None and type(optimizer) in ADAPTIVE and draws == 0:
         _warn_adaptive_minibatch(optimizer)
     weights = select_params(x.module)
@@ -265,7 +265,7 @@ def predict_step(
     if batch_size is not None and per_example_loss is not None and count is not None:
         metric = _restrict(step.metric, weights)
         contributions = -ntcov(x, per_example_loss, metric=metric)  # [*S, N]
-        if order == 2 and batch_size == 1 and own_curvature:
+        if order == 2 and batch_size == 1 and own_curvature and not draws:
             own = 0.5 * per_example_second_order(
                 x, per_example_loss, weights, metric, bias_direction
             ).movedim(0, -1)  # [N, *S] -> [*S, N], as the contributions
@@ -343,7 +343,7 @@ def simulate_steps(
     return torch.stack(changes, dim=-1)
 
 
-def _simulated_steps(
+def _simulation_count(
     simulate: int | None, optimizer: torch.optim.Optimizer, count: int | None
 ) -> int:
     """How many minibatch steps to simulate (0: none)."""
