@@ -667,3 +667,30 @@ def test_simulated_steps_skip_the_per_example_curvature_they_replace() -> None:
         ntcov.predict_step(s.logits, s.loss, optimizer, simulate=-1, **kwargs)
     with pytest.raises(ValueError, match="pass batch_size too"):
         ntcov.predict_step(s.logits, s.loss, optimizer, simulate=10)
+
+
+@pytest.mark.parametrize("sampling", list(ntcov.Sampling))
+def test_simulated_steps_agree_with_and_without_per_example_structure(
+    sampling: ntcov.Sampling,
+) -> None:
+    """The drawn batch's gradient from its own B rows equals the cotangent-weighted backward
+    pass over all N rows (the path for a per_example_loss without per-example structure)."""
+    s, optimizer = warmed_up("adam", 0.1)
+    plain = Property(
+        s.model, lambda m: F.cross_entropy(m(s.x_train), s.y_train, reduction="none"), name="l"
+    )
+    assert plain.per_example is None and s.per_example_loss.per_example is not None
+    runs = [
+        ntcov.predict_step(
+            s.logits,
+            s.loss,
+            optimizer,
+            batch_size=6,
+            per_example_loss=loss,
+            simulate=8,
+            sampling=sampling,
+        ).simulated
+        for loss in (s.per_example_loss, plain)
+    ]
+    assert runs[0] is not None and runs[1] is not None
+    assert_close(runs[0], runs[1], rtol=1e-9)

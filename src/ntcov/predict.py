@@ -320,27 +320,41 @@ def simulate_steps(
 ) -> Tensor:
     """``J_x Δw_d`` for ``D`` simulated minibatch steps, ``[*S, D]``.
 
-    For each drawn batch ``B_d``: its gradient ``g_d = ∇ mean_{i∈B_d} ℓ_i`` (a backward pass of
-    ``ℓ`` with the cotangent ``1/B`` on the drawn examples), the optimizer's real update
-    ``Δw_d = −M(g_d) g_d + b(g_d)`` (:func:`ntcov.optimizer_step`, the state left untouched),
-    and its first-order change of ``x`` (one JVP).
+    For each drawn batch ``B_d``: its gradient ``g_d = ∇ mean_{i∈B_d} ℓ_i``, the optimizer's
+    real update ``Δw_d = −M(g_d) g_d + b(g_d)`` (:func:`ntcov.optimizer_step`, the state left
+    untouched), and its first-order change of ``x`` (one JVP). With per-example structure the
+    gradient is one forward and backward pass over the ``B`` drawn examples (as the real step);
+    without, a backward pass of all of ``ℓ`` with the cotangent ``1/B`` on the drawn examples.
     """
-    out, leaves = _autodiff.evaluate(per_example_loss, weights)
-    index = draw.index(out.shape[0]).to(out.device)
+    pe = per_example_loss.per_example
+    count = pe.num_examples if pe is not None else per_example_loss.value().shape[0]
     changes = []
-    for rows in index:
-        cotangent = torch.zeros_like(out).index_add_(
-            0,
-            rows,
-            torch.full(rows.shape, 1.0 / draw.batch_size, dtype=out.dtype, device=out.device),
-        )
-        grads = torch.autograd.grad(
-            out, list(leaves.values()), cotangent, retain_graph=True, allow_unused=True
-        )
-        grad = {n: None if g is None else g.detach() for n, g in zip(leaves, grads, strict=True)}
+    for rows in draw.index(count):
+        grad = _batch_gradient(per_example_loss, weights, rows, draw.batch_size)
         delta = _restrict(optimizer_step(optimizer, x.module, grad).delta(grad), weights)
         changes.append(_autodiff.directional(x, weights, delta, force_reverse=False)[1])
     return torch.stack(changes, dim=-1)
+
+
+def _batch_gradient(loss: Property, weights: ParamDict, rows: Tensor, batch: int) -> GradDict:
+    """``∇ (1/B) Σ_{i∈rows} ℓ_i`` (``None`` where ``ℓ`` does not use a weight)."""
+    pe = loss.per_example
+    if pe is not None:
+        part = pe.select(rows)
+        loss = Property.from_per_example(
+            loss.module, part.fn, part.inputs, allow_train_mode=loss.allow_train_mode
+        )
+    out, leaves = _autodiff.evaluate(loss, weights)
+    with torch.enable_grad():
+        if pe is not None:
+            total = out.sum() / batch
+        else:
+            weight = torch.zeros_like(out).index_add_(
+                0, rows.to(out.device), out.new_full(rows.shape, 1.0 / batch)
+            )
+            total = (out * weight).sum()
+    grads = torch.autograd.grad(total, list(leaves.values()), allow_unused=True)
+    return {n: None if g is None else g.detach() for n, g in zip(leaves, grads, strict=True)}
 
 
 def _simulation_count(
