@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from ntcov import Property, properties
+from ntcov import Property, curvature, properties
 from ntcov.curvature import hessian_vector_product, sharpness
 from ntcov.params import select_params
 
@@ -91,3 +91,15 @@ def test_an_unsettled_estimate_warns_and_is_a_lower_bound() -> None:
     assert estimate <= top * (1 + 1e-12)
     with pytest.raises(ValueError, match="tolerance must be positive"):
         sharpness(properties.loss(model, x, y), tolerance=0.0)
+
+
+def test_a_shift_short_of_the_most_negative_eigenvalue_is_raised() -> None:
+    """``σ`` below ``|λ_min|`` leaves ``λ_min + σ`` dominant: the shift is raised once."""
+    diagonal = torch.tensor([1.0, 0.3, -10.0], dtype=torch.float64)
+
+    def hvp(vector: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"w": diagonal * vector["w"]}
+
+    start = {"w": torch.tensor([0.5, 0.4, 0.7], dtype=torch.float64)}
+    outcome = curvature._shifted_power(hvp, start, 500, 1e-14, shift=0.5)
+    assert outcome.converged and outcome.value == pytest.approx(1.0, rel=1e-9)

@@ -79,18 +79,35 @@ def sharpness(
     top = _power(hvp, start, iterations, tolerance)
     if top.converged and top.value > 0:
         return top.value  # the largest-magnitude eigenvalue is positive: it is λ_max
-    shift = top.norm
-
-    def shifted(vector: ParamDict) -> ParamDict:
-        return {n: h + shift * vector[n] for n, h in hvp(vector).items()}
-
-    moved = _power(shifted, start, iterations, tolerance)
-    result = _Power(moved.value - shift, moved.norm, moved.residual, moved.converged)
+    result = _shifted_power(hvp, start, iterations, tolerance, top.norm)
     if not result.converged and top.value > result.value:
         result = top  # both are lower bounds on λ_max: keep the larger
     if not result.converged:
         _warn_unsettled(result, iterations)
     return result.value
+
+
+def _shifted_power(
+    hvp: Callable[[ParamDict], ParamDict],
+    start: ParamDict,
+    iterations: int,
+    tolerance: float,
+    shift: float,
+) -> _Power:
+    """``λ_max`` by power iteration on ``H + σI``. ``σ = ‖Hv‖`` of an unsettled ``v`` may fall
+    short of ``|λ_min|``; then the shifted iteration lands on ``λ_min + σ < 0`` and ``σ`` is
+    raised to ``|λ_min|`` (read off that result) once."""
+    for _ in range(2):
+        sigma = shift
+
+        def shifted(vector: ParamDict, sigma: float = sigma) -> ParamDict:
+            return {n: h + sigma * vector[n] for n, h in hvp(vector).items()}
+
+        moved = _power(shifted, start, iterations, tolerance)
+        if moved.value >= 0:
+            break
+        shift = sigma - moved.value  # |λ_min| ≤ σ − (λ_min + σ)
+    return _Power(moved.value - sigma, moved.norm, moved.residual, moved.converged)
 
 
 @dataclass(frozen=True)
