@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from ntcov import Property, curvature, properties
+from ntcov import Property, properties
 from ntcov.curvature import hessian_vector_product, sharpness
 from ntcov.params import select_params
 
@@ -93,13 +93,41 @@ def test_an_unsettled_estimate_warns_and_is_a_lower_bound() -> None:
         sharpness(properties.loss(model, x, y), tolerance=0.0)
 
 
-def test_a_shift_short_of_the_most_negative_eigenvalue_is_raised() -> None:
-    """``σ`` below ``|λ_min|`` leaves ``λ_min + σ`` dominant: the shift is raised once."""
-    diagonal = torch.tensor([1.0, 0.3, -10.0], dtype=torch.float64)
+def _quadratic_form(hessian: torch.Tensor) -> Property:
+    """``½ wᵀ H w`` of a vector parameter ``w``: its Hessian is ``H``."""
+    holder = nn.Module()
+    holder.w = nn.Parameter(torch.ones(hessian.shape[0], dtype=torch.float64))
+    return Property(holder, lambda m: 0.5 * m.w @ hessian @ m.w)
 
-    def hvp(vector: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {"w": diagonal * vector["w"]}
 
-    start = {"w": torch.tensor([0.5, 0.4, 0.7], dtype=torch.float64)}
-    outcome = curvature._shifted_power(hvp, start, 500, 1e-14, shift=0.5)
-    assert outcome.converged and outcome.value == pytest.approx(1.0, rel=1e-9)
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+@pytest.mark.parametrize(
+    "spectrum",
+    [
+        [-100.0, 1.0] + [0.0] * 48,  # a large negative, λ_max small, many zeros
+        [-50.0, 10.0, *torch.linspace(0.0, 0.29, 48).tolist()],
+        [-100.0, 1.0, 0.5, *torch.linspace(0.0, 0.1, 47).tolist()],
+        [-10.0, -5.0, -2.0, -1.0],  # negative definite: λ_max = −1
+    ],
+    ids=["zeros", "clustered", "near_top", "negative_definite"],
+)
+def test_sharpness_of_rotated_indefinite_spectra(spectrum: list[float], seed: int) -> None:
+    eigenvalues = torch.tensor(spectrum, dtype=torch.float64)
+    generator = torch.Generator().manual_seed(100 + seed)
+    rotation, _ = torch.linalg.qr(
+        torch.randn(len(spectrum), len(spectrum), generator=generator, dtype=torch.float64)
+    )
+    hessian = rotation @ torch.diag(eigenvalues) @ rotation.T
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        estimate = sharpness(_quadratic_form(hessian), seed=seed, iterations=200, tolerance=1e-12)
+    assert estimate == pytest.approx(eigenvalues.max().item(), rel=1e-8, abs=1e-10)
+
+
+@pytest.mark.parametrize("seed", [0, 2])
+def test_sharpness_of_a_maximised_loss_is_its_largest_eigenvalue(seed: int) -> None:
+    """``−L`` of a tanh MLP: an indefinite Hessian whose negative side is the larger."""
+    model, x, y = _problem(seed)
+    eigenvalues = torch.linalg.eigvalsh(-_explicit_hessian(model, x, y))
+    estimate = sharpness(-properties.loss(model, x, y), iterations=100, tolerance=1e-12)
+    assert estimate == pytest.approx(eigenvalues[-1].item(), rel=1e-8)

@@ -547,3 +547,26 @@ def test_resume_continues_the_run_in_log_dir(tmp_path: Path) -> None:
     with Monitor(model, props, optimizer=opt, log_dir=fresh, resume=True):
         _train_step(model, opt, *_batch(x, y, 0))
     assert [r["step"] for r in read_records(fresh)] == [0]
+
+
+def test_resume_keeps_true_step_numbers_and_complete_records(tmp_path: Path) -> None:
+    """every=3 over a resume labels the same steps as one run; a complete last record that
+    lost only its newline is kept; a folder without config.json is refused by name."""
+    model, (x, y) = _mlp(), _data()
+    props = {"p": P.probs(model, x[:5], y[:5])}
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Monitor(model, props, optimizer=opt, log_dir=tmp_path, every=3):
+        for step in range(5):  # records 0, 3; steps 0-4 taken
+            _train_step(model, opt, *_batch(x, y, step))
+    steps_file = tmp_path / "steps.jsonl"
+    steps_file.write_text(steps_file.read_text().rstrip("\n"))  # the newline lost
+    with Monitor(model, props, optimizer=opt, log_dir=tmp_path, every=3, resume=True):
+        for step in range(5, 11):  # steps 5-10: records 6, 9
+            _train_step(model, opt, *_batch(x, y, step))
+    assert [r["step"] for r in read_records(tmp_path)] == [0, 3, 6, 9]
+    assert json.loads((tmp_path / "report.json").read_text())["steps"] == 4
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "steps.jsonl").write_text("")
+    with pytest.raises(ValueError, match="without config.json"):
+        Monitor(model, props, optimizer=opt, log_dir=bare, resume=True).start()

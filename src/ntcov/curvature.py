@@ -51,15 +51,17 @@ def sharpness(
     tolerance: float = 1e-4,
     seed: int = 0,
 ) -> float:
-    """The largest Hessian eigenvalue ``λ_max`` of a scalar property, by power iteration on ``H v``.
+    """The largest Hessian eigenvalue ``λ_max`` of a scalar property, by the Lanczos method.
 
-    Plain power iteration finds the eigenvalue of largest *magnitude*. When that one is negative,
-    or the iteration does not settle (eigenvalues ``±λ`` of equal size), a second power
-    iteration on the shifted ``H + σI`` (``σ = ‖H v‖``, so its spectrum is ``≥ 0``) finds
-    ``λ_max + σ``. Each phase stops when the residual ``‖Hv − λv‖ ≤ √tolerance · |λ|`` (the
-    eigenvalue is then off by at most ``tolerance · λ² / gap``, ``gap`` the distance to the next
-    eigenvalue), after at most ``iterations`` steps; an unsettled estimate (a lower bound on
-    ``λ_max``) warns. Cost: one double-backward pass per step.
+    Lanczos builds the tridiagonal matrix ``T_k`` of ``H`` on the Krylov space of a random
+    start vector (one ``H v`` per step, the three-term recurrence: memory of three vectors).
+    The largest eigenvalue ``θ`` of ``T_k`` is a lower bound on ``λ_max`` that converges
+    quickly, also when negative eigenvalues are larger in size (plain power iteration would
+    find those). It stops when the residual ``‖Hy − θy‖ = |β_{k+1} s_k|`` of its Ritz vector
+    ``y`` is at most ``√tolerance · |θ|`` (``θ`` is then off by at most ``tolerance · θ² /
+    gap``, ``gap`` the distance to the next eigenvalue), or when the Krylov space is exhausted
+    (exact); after ``iterations`` steps without either it warns. Cost: one double-backward
+    pass per step.
     """
     if iterations < 1:
         raise ValueError(f"sharpness: iterations must be at least 1, got {iterations}.")
@@ -72,75 +74,65 @@ def sharpness(
         n: torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device)
         for n, p in weights.items()
     }
-
-    def hvp(vector: ParamDict) -> ParamDict:
-        return hessian_vector_product(loss, vector, params)
-
-    top = _power(hvp, start, iterations, tolerance)
-    if top.converged and top.value > 0:
-        return top.value  # the largest-magnitude eigenvalue is positive: it is λ_max
-    result = _shifted_power(hvp, start, iterations, tolerance, top.norm)
-    if not result.converged and top.value > result.value:
-        result = top  # both are lower bounds on λ_max: keep the larger
+    result = _lanczos(
+        lambda v: hessian_vector_product(loss, v, params), start, iterations, tolerance
+    )
     if not result.converged:
         _warn_unsettled(result, iterations)
     return result.value
 
 
-def _shifted_power(
-    hvp: Callable[[ParamDict], ParamDict],
-    start: ParamDict,
-    iterations: int,
-    tolerance: float,
-    shift: float,
-) -> _Power:
-    """``λ_max`` by power iteration on ``H + σI``. ``σ = ‖Hv‖`` of an unsettled ``v`` may fall
-    short of ``|λ_min|``; then the shifted iteration lands on ``λ_min + σ < 0`` and ``σ`` is
-    raised to ``|λ_min|`` (read off that result) once."""
-    for _ in range(2):
-        sigma = shift
-
-        def shifted(vector: ParamDict, sigma: float = sigma) -> ParamDict:
-            return {n: h + sigma * vector[n] for n, h in hvp(vector).items()}
-
-        moved = _power(shifted, start, iterations, tolerance)
-        if moved.value >= 0:
-            break
-        shift = sigma - moved.value  # |λ_min| ≤ σ − (λ_min + σ)
-    return _Power(moved.value - sigma, moved.norm, moved.residual, moved.converged)
-
-
 @dataclass(frozen=True)
-class _Power:
-    """One power iteration's outcome: Rayleigh quotient, ``‖A v‖``, residual, settled or not."""
+class _Ritz:
+    """The top Ritz value of a Lanczos run, its residual, and whether it settled."""
 
     value: float
-    norm: float
     residual: float
     converged: bool
 
 
-def _power(
+def _lanczos(
     apply: Callable[[ParamDict], ParamDict], start: ParamDict, iterations: int, tolerance: float
-) -> _Power:
-    """Power iteration of the symmetric operator ``apply`` from ``start``."""
-    vector = _normalised(start)
-    outcome = _Power(0.0, 0.0, math.inf, False)
+) -> _Ritz:
+    """Largest eigenvalue of the symmetric operator ``apply`` by ``iterations`` Lanczos steps."""
+    alphas: list[float] = []
+    betas: list[float] = []
+    q, previous, beta = _normalised(start), None, 0.0
+    result = _Ritz(math.nan, math.inf, False)
     for _ in range(iterations):
-        av = apply(vector)
-        value = float(_dot(vector, av))
-        residual, norm = _norm(_axpy(av, vector, -value)), _norm(av)
-        outcome = _Power(value, norm, residual, residual <= math.sqrt(tolerance) * abs(value))
-        if outcome.converged:
+        w = apply(q)
+        alpha = float(_dot(q, w))
+        w = _axpy(w, q, -alpha)
+        if previous is not None:
+            w = _axpy(w, previous, -beta)
+        alphas.append(alpha)
+        beta = _norm(w)
+        values, vectors = torch.linalg.eigh(_tridiagonal(alphas, betas))
+        theta, last = float(values[-1]), float(vectors[-1, -1])
+        residual = abs(beta * last)
+        exhausted = beta <= 1e-12 * max(abs(a) for a in alphas)
+        settled = residual <= math.sqrt(tolerance) * abs(theta)
+        result = _Ritz(theta, residual, exhausted or settled)
+        if result.converged:
             break
-        vector = _normalised(av)
-    return outcome
+        betas.append(beta)
+        previous, q = q, {n: v / beta for n, v in w.items()}
+    return result
 
 
-def _warn_unsettled(outcome: _Power, iterations: int) -> None:
+def _tridiagonal(alphas: list[float], betas: list[float]) -> Tensor:
+    """``T_k``: ``alphas`` on the diagonal, ``betas`` beside it (float64)."""
+    t = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+    if betas:
+        off = torch.tensor(betas, dtype=torch.float64)
+        t = t + torch.diag(off, 1) + torch.diag(off, -1)
+    return t
+
+
+def _warn_unsettled(result: _Ritz, iterations: int) -> None:
     warnings.warn(
-        f"sharpness: the power iteration did not settle in {iterations} steps (residual "
-        f"‖Hv − λv‖ = {outcome.residual:.3g} against λ = {outcome.value:.6g}); the estimate is "
+        f"sharpness: the Lanczos iteration did not settle in {iterations} steps (residual "
+        f"‖Hy − θy‖ = {result.residual:.3g} against θ = {result.value:.6g}); the estimate is "
         "a lower bound on λ_max. Pass more iterations for a tighter value.",
         RuntimeWarning,
         stacklevel=3,

@@ -251,7 +251,7 @@ class Monitor:
         try:
             if not resumed and self._resume and (folder / STEPS_FILE).exists():
                 continued = _continue_run(folder, self._config())
-            if not resumed and continued is None:
+            if not resumed:  # a continued run keeps its records under today's settings
                 report.write_json(folder / CONFIG_FILE, {}, config=self._config(), seed=0)
             mode = "a" if resumed or continued else "w"
             self._file = open(folder / STEPS_FILE, mode, encoding="utf-8")  # noqa: SIM115
@@ -283,6 +283,7 @@ class Monitor:
         if self._file is None:
             return None
         self._detach()
+        _save_next_step(self.log_dir, self._step)
         return write_report(self.log_dir)
 
     def before_step(self) -> None:
@@ -472,23 +473,52 @@ class _Continued:
 
 
 def _continue_run(folder: Path, config: dict[str, Any]) -> _Continued:
-    """Check ``folder``'s run against ``config`` and drop a last line cut short by a crash."""
-    saved = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))["config"]
+    """Check ``folder``'s run against ``config`` and drop a last line cut short by a crash.
+
+    The next step is the one saved when the run was closed; after a kill (nothing saved) the
+    step after the last record, which with ``every > 1`` may be early by up to ``every − 1``."""
+    path = folder / CONFIG_FILE
+    if not path.is_file():
+        raise ValueError(
+            f"Monitor: resume=True but {str(folder)!r} holds {STEPS_FILE} without {CONFIG_FILE}; "
+            "it is not a monitor run to continue. Use another log_dir, or resume=False."
+        )
+    saved = json.loads(path.read_text(encoding="utf-8"))["config"]
     if saved["properties"] != config["properties"]:
         raise ValueError(
             f"Monitor: resume=True but the run in {str(folder)!r} watched other properties "
             f"({saved['properties']}, now {config['properties']}); use another log_dir."
         )
+    _mend_last_line(folder / STEPS_FILE)
     records = read_records(folder)
-    path = folder / STEPS_FILE
-    text = path.read_text(encoding="utf-8")
-    kept = text[: text.rfind("\n") + 1]  # records end in a newline; a cut line does not
-    if kept != text:
-        path.write_text(kept, encoding="utf-8")
     if not records:
         return _Continued(0, 0, 0.0)
     last = records[-1]
-    return _Continued(int(last["step"]) + 1, len(records), float(last["seconds"]))
+    after_last = int(last["step"]) + 1
+    next_step = max(int(saved.get("next_step") or 0), after_last)
+    return _Continued(next_step, len(records), float(last["seconds"]))
+
+
+def _mend_last_line(path: Path) -> None:
+    """End ``path`` with a newline: a complete last record gets one, a cut-off line is dropped."""
+    text = path.read_text(encoding="utf-8")
+    if not text or text.endswith("\n"):
+        return
+    cut = text.rfind("\n") + 1
+    try:
+        json.loads(text[cut:])
+    except json.JSONDecodeError:
+        path.write_text(text[:cut], encoding="utf-8")
+    else:
+        path.write_text(text + "\n", encoding="utf-8")
+
+
+def _save_next_step(folder: Path, step: int) -> None:
+    """Note in ``config.json`` the step a resumed run goes on from."""
+    path = folder / CONFIG_FILE
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    saved["config"]["next_step"] = step
+    report.write_json(path, {}, config=saved["config"], seed=0)
 
 
 def _claim(folder: Path) -> None:

@@ -100,7 +100,8 @@ class StepPrediction:
     - ``value``: ``x`` at the current weights.
     - ``force``: ``J_x(−M ∇L)``, the change driven by the loss gradient.
     - ``bias``: ``J_x b``, the change driven by the optimizer's carry-over (momentum, decay).
-    - ``first_order``: ``J_x Δw = force + bias`` (the minibatch mean with ``batch_size``).
+    - ``first_order``: ``J_x Δw = force + bias`` of the full-batch step (with ``batch_size``
+      also the minibatch mean for SGD; for an adaptive optimizer the mean of ``simulated``).
     - ``second_order``: ``½ Δwᵀ H_x Δw`` (``order=2``), else ``None``.
     - ``std``: the minibatch standard deviation of the change (zeros for a full batch).
     - ``contributions``: the per-example forces ``c_i = J_x M (−∇ℓ_i)``, ``[*S, N]`` (with
@@ -160,7 +161,8 @@ class StepPrediction:
         simulated minibatches (``torch.Generator`` seeded with ``seed``) for ``B > 1``. With
         ``second_contributions`` (``B = 1``, ``order=2``): ``bias + q_{(1∓level)/2}(c_i + q_i)``.
         With ``simulated`` steps: their quantiles (``NORMAL``: their mean ``± z·std``), plus the
-        mean step's second-order term.
+        mean step's second-order term; ``draws`` and ``seed`` do not apply (the steps were drawn
+        by :func:`predict_step`, seed 0).
         """
         if not 0 < level < 1:
             raise ValueError(f"StepPrediction.interval: level must be in (0, 1), got {level}.")

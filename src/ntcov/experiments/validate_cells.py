@@ -34,7 +34,7 @@ from ntcov.params import ParamDict, select_params
 from ntcov.predict import StepPrediction, predict_step
 from ntcov.property import Property
 
-# λ₀ sets every cell's learning rate (η = scale / λ₀): power iteration to a 1e-3 residual
+# λ₀ sets every cell's learning rate (η = scale / λ₀): Lanczos to a 1e-3 relative residual
 SHARPNESS_ITERATIONS = 400
 
 # ----- models, properties and optimizers -----------------------------------------------------
