@@ -568,5 +568,5 @@ def test_resume_keeps_true_step_numbers_and_complete_records(tmp_path: Path) -> 
     bare = tmp_path / "bare"
     bare.mkdir()
     (bare / "steps.jsonl").write_text("")
-    with pytest.raises(ValueError, match="without config.json"):
+    with pytest.raises(ValueError, match=r"without config\.json"):
         Monitor(model, props, optimizer=opt, log_dir=bare, resume=True).start()
